@@ -1,0 +1,375 @@
+"""Evaluation metrics for the VAE segmenter.
+
+Three groups of tools live here:
+
+* confusion-matrix metrics (mIoU, pixel accuracy, class accuracy), with rows
+  indexing the true class and columns the predicted class;
+* per-pixel uncertainty maps computed from S sampled softmax predictions
+  (predictive entropy, expected entropy, mutual information, variance);
+* ``UncertaintyMeter``, a streaming accumulator for calibration (ECE, NLL,
+  Brier) and for how well the uncertainty ranks the model's own errors
+  (AUROC, accuracy/mIoU versus coverage) over a whole split, without storing
+  per-pixel arrays.
+
+All reductions are done in float64 / int64 so that sums over tens of millions
+of pixels do not lose precision.
+"""
+
+import math
+
+import torch
+
+# Floor used inside logarithms. With it, p * log(p) is exactly 0 for p == 0
+# and p == 1, so a one-hot distribution has an entropy of exactly 0.
+_EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------
+# Confusion-matrix metrics
+# ---------------------------------------------------------------------------
+
+
+def confusion_matrix(pred, target, num_classes, ignore_index):
+    """Count (true, predicted) class pairs.
+
+    pred, target: integer tensors of the same (arbitrary) shape. ``pred`` must
+    lie in [0, num_classes). Pixels whose target equals ``ignore_index``, or
+    falls outside [0, num_classes), are left out.
+
+    Returns an int64 tensor (C, C) on the input device; entry [t, p] is the
+    number of pixels of true class t predicted as class p.
+    """
+    c = num_classes
+    pred = pred.reshape(-1).long()
+    target = target.reshape(-1).long()
+    keep = (target != ignore_index) & (target >= 0) & (target < c)
+    # Encode each (t, p) pair as one flat index so a single bincount builds
+    # the whole matrix.
+    flat = c * target[keep] + pred[keep]
+    return torch.bincount(flat, minlength=c * c).reshape(c, c)
+
+
+def scores(cm):
+    """Segmentation scores from a (C, C) confusion matrix (rows = true class).
+
+    Returns a dict:
+      miou      mean IoU over classes with union > 0 (present in the ground
+                truth or in the prediction);
+      iou       per-class IoU list, NaN where the union is 0;
+      pixel_acc global accuracy, trace / total;
+      class_acc mean per-class recall over classes present in the ground truth;
+      recall    per-class recall list, NaN where the class is absent from the
+                ground truth.
+    An all-zero matrix gives NaN for every value instead of raising.
+    """
+    cm = cm.detach().to("cpu", torch.float64)
+    tp = cm.diagonal()
+    gt = cm.sum(1)  # (C,) pixels of each true class
+    pr = cm.sum(0)  # (C,) pixels predicted as each class
+    union = gt + pr - tp
+    nan = torch.full_like(tp, math.nan)
+    # Division is guarded by where(); the 0/0 in the unused branch is harmless.
+    iou = torch.where(union > 0, tp / union, nan)
+    recall = torch.where(gt > 0, tp / gt, nan)
+    total = cm.sum()
+    pixel_acc = (tp.sum() / total).item() if total > 0 else math.nan
+    return {
+        "miou": _nanmean(iou),
+        "iou": iou.tolist(),
+        "pixel_acc": pixel_acc,
+        "class_acc": _nanmean(recall),
+        "recall": recall.tolist(),
+    }
+
+
+def _nanmean(x):
+    """Mean of the non-NaN entries of a 1-D tensor, NaN if there are none."""
+    valid = x[~torch.isnan(x)]
+    return valid.mean().item() if valid.numel() > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------
+# Uncertainty maps from sampled predictions
+# ---------------------------------------------------------------------------
+
+
+def softmax_entropy(probs_bchw):
+    """Entropy (nats) of a categorical distribution along dim 1.
+
+    probs_bchw: (B, C, H, W) probabilities. Returns (B, H, W).
+    """
+    p = probs_bchw
+    return -(p * torch.log(p.clamp_min(_EPS))).sum(1)
+
+
+def uncertainty_maps(probs):
+    """Per-pixel uncertainty from S sampled softmax predictions.
+
+    probs: (S, B, C, H, W), one softmax output per latent sample.
+
+    Uses the standard decomposition of predictive entropy into an expected
+    (aleatoric) part and a mutual-information (epistemic) part
+    (Gal 2016, "Uncertainty in Deep Learning", sec. 3.3;
+    Depeweg et al. 2018, "Decomposition of Uncertainty in Bayesian Deep
+    Learning for Efficient and Risk-sensitive Learning"):
+        H[E_s p_s] = E_s H[p_s] + I(y; s).
+
+    Returns a dict:
+      mean             (B, C, H, W) mean probabilities over samples;
+      entropy          (B, H, W) predictive entropy H[mean p];
+      expected_entropy (B, H, W) mean over samples of H[p_s];
+      mutual_info      (B, H, W) entropy - expected_entropy, clamped >= 0
+                       (it can dip below 0 only through rounding);
+      variance         (B, H, W) population variance over samples of the
+                       probability given to the class that wins in the mean.
+    S = 1 is allowed: mutual_info and variance are then 0.
+    """
+    s, b, c, h, w = probs.shape
+    mean = probs.mean(0)  # (B, C, H, W)
+    entropy = softmax_entropy(mean)
+    # Fold S into the batch dim to reuse softmax_entropy: (S*B, H, W).
+    per_sample = softmax_entropy(probs.reshape(s * b, c, h, w))
+    expected_entropy = per_sample.reshape(s, b, h, w).mean(0)
+    mutual_info = (entropy - expected_entropy).clamp_min(0)
+    winner = mean.argmax(1)  # (B, H, W)
+    index = winner[None, :, None].expand(s, b, 1, h, w)
+    p_win = probs.gather(2, index).squeeze(2)  # (S, B, H, W)
+    variance = p_win.var(0, correction=0)
+    return {
+        "mean": mean,
+        "entropy": entropy,
+        "expected_entropy": expected_entropy,
+        "mutual_info": mutual_info,
+        "variance": variance,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Streaming calibration / uncertainty evaluation
+# ---------------------------------------------------------------------------
+
+
+class UncertaintyMeter:
+    """Accumulates calibration and uncertainty-quality statistics over a split.
+
+    Nothing per-pixel is stored; only these sum-able tensors (the public
+    accumulators, all plain sums over pixels):
+
+      ece_count   (n_bins_ece,) int64    pixels per confidence bin
+      ece_conf    (n_bins_ece,) float64  sum of confidence per bin
+      ece_correct (n_bins_ece,) float64  number correct per bin
+      nll_sum     ()            float64  sum of -log p[target]
+      brier_sum   ()            float64  sum of multi-class Brier scores
+      cm          (n_bins_unc, C, C) int64  confusion matrix per
+                  uncertainty bin (rows = true class)
+
+    Accumulators live on the device of the last ``update`` input. For
+    distributed evaluation, all_reduce (SUM) each tensor of ``state()`` in
+    place on every rank, or gather them and call ``load_state`` with the
+    element-wise sums, then call ``compute()``.
+    """
+
+    def __init__(self, num_classes, ignore_index, max_uncertainty,
+                 n_bins_ece=15, n_bins_unc=1000):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.max_uncertainty = float(max_uncertainty)
+        self.n_bins_ece = n_bins_ece
+        self.n_bins_unc = n_bins_unc
+        self.reset()
+
+    def reset(self):
+        """Zero all accumulators (on CPU)."""
+        c, ne, nu = self.num_classes, self.n_bins_ece, self.n_bins_unc
+        self.ece_count = torch.zeros(ne, dtype=torch.int64)
+        self.ece_conf = torch.zeros(ne, dtype=torch.float64)
+        self.ece_correct = torch.zeros(ne, dtype=torch.float64)
+        self.nll_sum = torch.zeros((), dtype=torch.float64)
+        self.brier_sum = torch.zeros((), dtype=torch.float64)
+        self.cm = torch.zeros(nu, c, c, dtype=torch.int64)
+
+    _NAMES = ("ece_count", "ece_conf", "ece_correct", "nll_sum", "brier_sum",
+              "cm")
+
+    def state(self):
+        """The accumulator tensors, in a fixed order; all combine by summing."""
+        return [getattr(self, n) for n in self._NAMES]
+
+    def load_state(self, tensors):
+        """Replace the accumulators with ``tensors`` (same order as state())."""
+        if len(tensors) != len(self._NAMES):
+            raise ValueError(f"expected {len(self._NAMES)} tensors, "
+                             f"got {len(tensors)}")
+        for name, t in zip(self._NAMES, tensors):
+            old = getattr(self, name)
+            if t.shape != old.shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != "
+                                 f"{tuple(old.shape)}")
+            setattr(self, name, t.to(old.dtype).clone())
+
+    def _move(self, device):
+        for name in self._NAMES:
+            setattr(self, name, getattr(self, name).to(device))
+
+    @torch.no_grad()
+    def update(self, probs, target, uncertainty):
+        """Add a batch.
+
+        probs: (B, C, H, W) mean predictive probabilities.
+        target: (B, H, W) integer labels; ignore_index pixels are skipped.
+        uncertainty: (B, H, W) score in [0, max_uncertainty]; larger values
+            are clipped into the last bin, negative ones into the first.
+        """
+        c = self.num_classes
+        self._move(probs.device)
+        # (B, C, H, W) -> (N, C) with one row per pixel.
+        p = probs.movedim(1, -1).reshape(-1, c)
+        t = target.reshape(-1).long()
+        u = uncertainty.reshape(-1)
+        keep = (t != self.ignore_index) & (t >= 0) & (t < c)
+        p, t, u = p[keep], t[keep], u[keep]
+
+        conf, pred = p.max(1)  # (N,), (N,)
+        correct = pred == t
+
+        # Reliability / ECE bins: equal width on [0, 1], bin k covers
+        # [k/n, (k+1)/n), with confidence 1 folded into the last bin
+        # (Naeini et al. 2015; Guo et al. 2017, sec. 2).
+        ne = self.n_bins_ece
+        ebin = (conf * ne).long().clamp_(0, ne - 1)
+        self.ece_count += torch.bincount(ebin, minlength=ne)
+        self.ece_conf += torch.bincount(ebin, weights=conf.double(),
+                                        minlength=ne)
+        self.ece_correct += torch.bincount(ebin, weights=correct.double(),
+                                           minlength=ne)
+
+        p_true = p.gather(1, t[:, None]).squeeze(1)  # (N,)
+        self.nll_sum += -torch.log(p_true.double().clamp_min(_EPS)).sum()
+        # Multi-class Brier score (Brier 1950): sum_c (p_c - 1[c = t])^2,
+        # expanded as sum_c p_c^2 - 2 p_t + 1 to avoid building a one-hot.
+        sq = (p.double() ** 2).sum(1)
+        self.brier_sum += (sq - 2 * p_true.double() + 1).sum()
+
+        # One confusion matrix per uncertainty bin, built with a single
+        # bincount over the flat index (bin, t, pred).
+        nu = self.n_bins_unc
+        ubin = torch.floor(u.double() / self.max_uncertainty * nu)
+        ubin = ubin.clamp_(0, nu - 1).long()
+        flat = (ubin * c + t) * c + pred
+        self.cm += torch.bincount(flat, minlength=nu * c * c).reshape(nu, c, c)
+
+    def reliability(self):
+        """Per-bin data for a reliability diagram (Guo et al. 2017, fig. 1).
+
+        Returns lists over the n_bins_ece bins: ``confidence`` (mean
+        confidence), ``accuracy``, ``count``, and ``edges`` (n_bins_ece + 1
+        bin boundaries). Empty bins have NaN confidence and accuracy.
+        """
+        count = self.ece_count.cpu()
+        n = count.double()
+        nan = torch.full_like(n, math.nan)
+        conf = torch.where(n > 0, self.ece_conf.cpu() / n, nan)
+        acc = torch.where(n > 0, self.ece_correct.cpu() / n, nan)
+        edges = torch.linspace(0, 1, self.n_bins_ece + 1, dtype=torch.float64)
+        return {
+            "confidence": conf.tolist(),
+            "accuracy": acc.tolist(),
+            "count": count.tolist(),
+            "edges": edges.tolist(),
+        }
+
+    def compute(self, fractions=(0.5, 0.75, 0.9, 1.0)):
+        """Final metrics from the accumulators.
+
+        Returns a dict:
+          ece        expected calibration error,
+                     sum_b n_b / N * |acc_b - conf_b| (Guo et al. 2017, eq. 3);
+          nll        mean negative log-likelihood of the true class;
+          brier      mean multi-class Brier score (Brier 1950);
+          auroc      AUROC of the uncertainty for detecting wrong pixels;
+          miou, pixel_acc  over all counted pixels;
+          coverage   list of dicts (one per requested fraction) with
+                     coverage, actual_coverage, miou, pixel_acc over the
+                     most certain pixels;
+          curve      dict of lists over uncertainty bins: coverage and
+                     accuracy (cumulative from the most certain bin), and
+                     threshold (upper uncertainty edge of each bin).
+        """
+        cm = self.cm.cpu()
+        n_total = int(self.ece_count.sum())
+        if n_total > 0:
+            ece = ((self.ece_correct - self.ece_conf).abs().sum()
+                   / n_total).item()
+            nll = (self.nll_sum / n_total).item()
+            brier = (self.brier_sum / n_total).item()
+        else:
+            ece = nll = brier = math.nan
+        overall = scores(cm.sum(0))
+
+        # Per uncertainty bin (ascending uncertainty): pixels and correct ones.
+        count = cm.sum((1, 2))  # (n_bins_unc,)
+        right = cm.diagonal(dim1=1, dim2=2).sum(1)  # (n_bins_unc,)
+        wrong = count - right
+
+        cum = count.cumsum(0)  # (n_bins_unc,) pixels kept up to each bin
+        cum_right = right.cumsum(0)
+        coverage = []
+        for frac in fractions:
+            if n_total == 0:
+                coverage.append({"coverage": frac, "actual_coverage": math.nan,
+                                 "miou": math.nan, "pixel_acc": math.nan})
+                continue
+            # First bin whose cumulative count reaches frac * N; whole bins
+            # are kept, so the actual coverage can exceed the request.
+            need = torch.tensor([frac * n_total], dtype=torch.float64)
+            idx = int(torch.searchsorted(cum.double(), need))
+            idx = min(idx, self.n_bins_unc - 1)
+            kept = scores(cm[: idx + 1].sum(0))
+            coverage.append({
+                "coverage": frac,
+                "actual_coverage": cum[idx].item() / n_total,
+                "miou": kept["miou"],
+                "pixel_acc": kept["pixel_acc"],
+            })
+
+        cum_d = cum.double()
+        curve_acc = torch.where(cum > 0, cum_right.double() / cum_d,
+                                torch.full_like(cum_d, math.nan))
+        thresholds = (torch.arange(1, self.n_bins_unc + 1, dtype=torch.float64)
+                      * self.max_uncertainty / self.n_bins_unc)
+        curve_cov = cum_d / n_total if n_total else torch.full_like(cum_d,
+                                                                    math.nan)
+        curve = {
+            "coverage": curve_cov.tolist(),
+            "accuracy": curve_acc.tolist(),
+            "threshold": thresholds.tolist(),
+        }
+
+        return {
+            "ece": ece,
+            "nll": nll,
+            "brier": brier,
+            "auroc": _binned_auroc(wrong, right),
+            "miou": overall["miou"],
+            "pixel_acc": overall["pixel_acc"],
+            "coverage": coverage,
+            "curve": curve,
+        }
+
+
+def _binned_auroc(pos, neg):
+    """AUROC from per-bin positive / negative counts (bins in ascending score).
+
+    Uses the Mann-Whitney form: the probability that a random positive scores
+    higher than a random negative, with pairs in the same bin counted as a
+    half (they are tied at the bin's resolution). NaN if either class is
+    empty.
+    """
+    pos = pos.double()
+    neg = neg.double()
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    neg_below = neg.cumsum(0) - neg  # negatives in strictly lower bins
+    wins = (pos * (neg_below + 0.5 * neg)).sum()
+    return (wins / (n_pos * n_neg)).item()

@@ -1,0 +1,426 @@
+"""Apply a trained segmentation VAE: segment images, or evaluate a labelled split.
+
+    python test.py --test_image_path IMAGE --model_path runs/x/best.pt [--mask_path MASK]
+    python test.py --test_image_path "photos/*.png" --model_path runs/x/best.pt --samples 16
+    python test.py --test_path ../shared/data/camvid/val --model_path runs/x/best.pt
+
+The model is rebuilt from the checkpoint alone. Heavy imports (torch, matplotlib) happen inside
+the functions that need them, so that `--help` and argument errors answer at once.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from dataset import DataError
+
+CHECKPOINT_FORMAT = "segvae-1"
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(obj, path):
+    """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed
+    over `path`. A crash at any instant leaves either the old file or the new one."""
+    import torch
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load with weights_only=True (never runs code from the file) and check it is ours."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist; give --model_path a .pt file that "
+                        "train.py wrote (e.g. runs/<time>/best.pt)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise DataError(f"checkpoint {path} holds arbitrary pickled Python objects, and loading "
+                            "it would run code from the file; it was refused. Use a checkpoint "
+                            "written by train.py") from None
+        raise DataError(f"checkpoint {path} is not a readable PyTorch checkpoint ({e}); it may be "
+                        "truncated or not a checkpoint at all") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise DataError(f"checkpoint {path} is not a readable PyTorch checkpoint ({str(e)[:120]}); "
+                        "it may be truncated or not a checkpoint at all") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"checkpoint {path} was not written by this project's train.py (no "
+                        f"'format': '{CHECKPOINT_FORMAT}' entry); give a checkpoint from train.py")
+    return ckpt
+
+
+def build_model(ckpt, path="checkpoint", device="cpu"):
+    """Rebuild the SegVAE from the config stored in the checkpoint and load its weights."""
+    import torch
+
+    from model import SegVAE, VAEConfig
+
+    try:
+        model = SegVAE(VAEConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise DataError(f"checkpoint {path} does not fit the model ({str(e).splitlines()[0][:160]}); "
+                        "it was written by another version or is damaged") from None
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and precision (shared with train.py)
+
+
+def pick_device(name):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {name} was asked for but no CUDA GPU is available here; "
+                        "use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def pick_precision(name, device):
+    """The autocast dtype, or None for fp32. auto: bf16 where the hardware has it (CUDA with
+    bf16, or a CPU with AVX-512 bf16), else fp16 on CUDA, else fp32."""
+    import torch
+
+    if name == "fp32":
+        return None
+    if device.type == "cuda":
+        if name == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if name == "bf16" else torch.float16
+    if name == "fp16":
+        raise DataError("--precision fp16 is for CUDA GPUs; on the CPU use bf16 or fp32")
+    if name == "auto":
+        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+    return torch.bfloat16
+
+
+def autocast(device, dtype):
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def forward_probs(model, images, device, dtype, samples=1, temperature=1.0, latent_scale=1.0,
+                  flip=False, generator=None):
+    """Softmax probabilities of `samples` latent draws: (S, B, C, H, W) float32.
+    images: uint8 (B, 3, H, W). flip=True averages with the mirrored image (test-time flip)."""
+    import torch
+
+    from dataset import normalize
+
+    x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), autocast(device, dtype):
+        logits = model.sample(x, samples, generator=generator, latent_scale=latent_scale)
+        probs = (logits.float() / temperature).softmax(dim=2)
+        if flip:
+            flipped = model.sample(x.flip(-1), samples, generator=generator, latent_scale=latent_scale)
+            probs = 0.5 * (probs + (flipped.float() / temperature).softmax(dim=2).flip(-1))
+    return probs
+
+
+def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_size=8,
+             loss_kind="ce", class_weights=None, indices=None, flip=False, progress=None):
+    """Validation sums over `split` (or the subset `indices`, for one rank's shard): a dict of
+    tensors that add across ranks. `summarize` turns them into metrics. The loss is computed at
+    the training size; the confusion matrix at each label's own resolution, as papers report."""
+    import torch
+    import torch.nn.functional as F
+
+    from dataset import normalize
+    from metrics import confusion_matrix
+    from model import kl_per_channel, segmentation_loss
+
+    model.eval()
+    indices = list(range(len(split))) if indices is None else list(indices)
+    z = model.config.latent_channels
+    sums = {
+        "cm": torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device),
+        "loss": torch.zeros((), dtype=torch.float64, device=device),
+        "kl": torch.zeros((), dtype=torch.float64, device=device),
+        "images": torch.zeros((), dtype=torch.float64, device=device),
+        "mu_sum": torch.zeros(z, dtype=torch.float64, device=device),
+        "mu_sq": torch.zeros(z, dtype=torch.float64, device=device),
+        "mu_n": torch.zeros((), dtype=torch.float64, device=device),
+    }
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    for idx in progress(chunks, desc="val", leave=False) if progress else chunks:
+        images = split.images[idx].to(device, non_blocking=True)
+        target = split.masks[idx].to(device, non_blocking=True).long()
+        x = normalize(images).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(device, dtype):
+            logits, mu, logvar = model(x)
+            if flip:
+                logits = 0.5 * (logits + model(x.flip(-1))[0].flip(-1))
+        logits = logits.float()
+        n = len(idx)
+        sums["loss"] += segmentation_loss(logits, target, loss_kind, ignore_index, class_weights).double() * n
+        kl = kl_per_channel(mu, logvar).sum() * mu.shape[-1] * mu.shape[-2] / (x.shape[-1] * x.shape[-2])
+        sums["kl"] += kl.double() * n
+        sums["images"] += n
+        mu = mu.double()
+        sums["mu_sum"] += mu.sum((0, 2, 3))
+        sums["mu_sq"] += mu.pow(2).sum((0, 2, 3))
+        sums["mu_n"] += mu.shape[0] * mu.shape[2] * mu.shape[3]
+        for j, i in enumerate(idx):
+            label = split.label_masks[i].to(device)
+            up = F.interpolate(logits[j:j + 1], size=label.shape, mode="bilinear", align_corners=False)
+            sums["cm"] += confusion_matrix(up.argmax(1)[0], label, num_classes, ignore_index)
+    return sums
+
+
+def summarize(sums):
+    """Metrics from `evaluate` sums: loss, kl, miou, iou (list), pixel_acc, class_acc,
+    active_latent (channels whose mean varies across inputs, Burda et al. 2016)."""
+    from metrics import scores
+    from model import active_channels
+
+    n = sums["images"].clamp_min(1)
+    mean = sums["mu_sum"] / sums["mu_n"].clamp_min(1)
+    var = sums["mu_sq"] / sums["mu_n"].clamp_min(1) - mean.pow(2)
+    out = {"loss": float(sums["loss"] / n), "kl": float(sums["kl"] / n),
+           "active_latent": active_channels(var)}
+    out.update(scores(sums["cm"].cpu()))
+    return out
+
+
+def format_scores(metrics, class_names):
+    lines = [f"{'class':<14}{'IoU':>8}"]
+    lines += [f"{name:<14}{iou * 100:>8.1f}" for name, iou in zip(class_names, metrics["iou"])]
+    lines.append(f"{'mean IoU':<14}{metrics['miou'] * 100:>8.1f}")
+    lines.append(f"{'pixel acc':<14}{metrics['pixel_acc'] * 100:>8.1f}")
+    lines.append(f"{'class acc':<14}{metrics['class_acc'] * 100:>8.1f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# single images
+
+
+def table_from_checkpoint(ckpt):
+    from dataset import ClassTable
+
+    return ClassTable(names=list(ckpt["classes"]), colours=[tuple(c) if c else None for c in ckpt["colours"]],
+                      ignore_index=int(ckpt["ignore_index"]))
+
+
+def colourize(labels, pal, ignore_index=None):
+    """(H, W) int labels -> (H, W, 3) uint8 colours; void is black."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    out = pal[np.clip(labels, 0, len(pal) - 1)]
+    if ignore_index is not None:
+        out[labels == ignore_index] = 0
+    return out
+
+
+def segment_image(model, image, image_size, device, dtype, samples=1, temperature=1.0,
+                  latent_scale=1.0, seed=0):
+    """image: uint8 (3, H, W) at any size -> probs (S, C, H, W) at the image's own size."""
+    import torch
+    import torch.nn.functional as F
+
+    from dataset import resize_image
+
+    small = resize_image(image, image_size)[None]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    probs = forward_probs(model, small, device, dtype, samples, temperature, latent_scale,
+                          generator=gen)[:, 0]  # (S, C, h, w)
+    return F.interpolate(probs, size=image.shape[-2:], mode="bilinear", align_corners=False).cpu()
+
+
+def save_figure(path, image, pred, pal, table, truth=None):
+    """input | prediction overlaid with a legend | (ground truth | errors)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    from metrics import confusion_matrix, scores
+
+    img = image.permute(1, 2, 0).numpy()
+    panels = [("input", img), ("prediction", (0.45 * img + 0.55 * colourize(pred, pal)).astype(np.uint8))]
+    title = ""
+    if truth is not None:
+        import torch
+
+        valid = truth != table.ignore_index
+        err = np.zeros((*truth.shape, 3), np.uint8)
+        err[valid & (pred == truth)] = (40, 160, 60)
+        err[valid & (pred != truth)] = (220, 40, 40)
+        panels += [("ground truth", colourize(truth, pal, table.ignore_index)),
+                   ("errors (red), void black", err)]
+        s = scores(confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), table.num_classes,
+                                    table.ignore_index))
+        title = f"this image: mIoU {s['miou'] * 100:.1f}, pixel accuracy {s['pixel_acc'] * 100:.1f}"
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2 * img.shape[0] / img.shape[1] + 1.2))
+    for ax, (name, a) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(a)
+        ax.set_title(name)
+        ax.axis("off")
+    handles = [Patch(color=pal[i] / 255, label=n) for i, n in enumerate(table.names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_images(args, ckpt, model, device, dtype):
+    import numpy as np
+    from PIL import Image
+
+    from dataset import load_image, load_mask, palette
+
+    paths = expand_image_paths(args.test_image_path)
+    table = table_from_checkpoint(ckpt)
+    pal = palette(table)
+    image_size = tuple(ckpt["image_size"])
+    out_dir = make_output_dir(args.output_dir)
+    temperature = float(ckpt.get("temperature", 1.0))
+    for path in paths:
+        image = load_image(path)
+        probs = segment_image(model, image, image_size, device, dtype, 1, temperature)
+        pred = probs.mean(0).argmax(0).numpy().astype(np.uint8)
+        truth = None
+        if args.mask_path and len(paths) == 1:
+            truth = load_mask(args.mask_path, table).numpy()
+            if truth.shape != pred.shape:
+                raise DataError(f"mask {args.mask_path} is {truth.shape[1]}x{truth.shape[0]} but image "
+                                f"{path} is {pred.shape[1]}x{pred.shape[0]}; give the image's own mask")
+        mask_png = out_dir / f"{path.stem}_mask.png"
+        Image.fromarray(colourize(pred, pal)).save(mask_png)
+        fig_png = out_dir / f"{path.stem}_figure.png"
+        save_figure(fig_png, image, pred, pal, table, truth)
+        print(f"{path}: mask {mask_png}, figure {fig_png}")
+
+
+def expand_image_paths(spec):
+    """A file, a folder of images, or a glob pattern -> sorted list of image paths."""
+    import glob
+
+    from dataset import IMAGE_EXTENSIONS
+
+    p = Path(spec)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS)
+    else:
+        found = sorted(Path(q) for q in glob.glob(spec) if Path(q).suffix.lower() in IMAGE_EXTENSIONS)
+    if not found:
+        raise DataError(f"--test_image_path {spec} matches no image file; give an image, a folder of "
+                        "images or a glob such as 'photos/*.png'")
+    return found
+
+
+def make_output_dir(path):
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"output folder {path} cannot be written ({e.strerror}); choose another "
+                        "--output_dir") from None
+    return path
+
+
+def run_split(args, ckpt, model, device, dtype):
+    from dataset import load_split
+
+    table = table_from_checkpoint(ckpt)
+    split = load_split(args.test_path, table, tuple(ckpt["image_size"]))
+    sums = evaluate(model, split, num_classes=table.num_classes, ignore_index=table.ignore_index,
+                    device=device, dtype=dtype, batch_size=args.batch_size, flip=args.flip)
+    metrics = summarize(sums)
+    print(f"{args.test_path}: {len(split)} images, evaluated at each label's resolution, void ignored")
+    print(format_scores(metrics, table.names))
+    out_dir = make_output_dir(args.output_dir)
+    metrics["classes"] = table.names
+    metrics["confusion_matrix"] = sums["cm"].cpu().tolist()
+    metrics["data"] = str(args.test_path)
+    metrics["checkpoint"] = str(args.model_path)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"wrote {out_dir / 'metrics.json'}")
+    return metrics
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Segment images or evaluate a labelled split with a "
+                                "trained segmentation VAE.")
+    p.add_argument("--model_path", required=True, help="checkpoint written by train.py (best.pt, last.pt, ...)")
+    p.add_argument("--test_image_path", help="an image, a folder of images, or a glob pattern to segment")
+    p.add_argument("--mask_path", help="ground-truth mask of --test_image_path: adds it, an error map "
+                   "and this image's IoU to the figure")
+    p.add_argument("--test_path", help="a labelled split to evaluate (same layouts as training data)")
+    p.add_argument("--output_dir", default="predictions", help="where outputs go (default: predictions)")
+    p.add_argument("--batch_size", type=int, default=8, help="images per forward pass in evaluation (default: 8)")
+    p.add_argument("--flip", action="store_true", help="average with the mirrored image (test-time flip)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype (default: auto = bf16 where the hardware has it)")
+    args = p.parse_args(argv)
+    if not args.test_image_path and not args.test_path:
+        p.error("give --test_image_path (segment images) or --test_path (evaluate a labelled split)")
+    return args
+
+
+def main(args):
+    device = pick_device(args.device)
+    dtype = pick_precision(args.precision, device)
+    ckpt = load_checkpoint(args.model_path, device)
+    model = build_model(ckpt, args.model_path, device)
+    result = None
+    if args.test_image_path:
+        run_images(args, ckpt, model, device, dtype)
+    if args.test_path:
+        result = run_split(args, ckpt, model, device, dtype)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,527 @@
+"""Train the segmentation VAE on paired images and masks (or on the built-in demo set).
+
+    python train.py --train_path ../shared/data/camvid/train --val_path ../shared/data/camvid/val --epochs 100
+    python train.py --epochs 8                        # the synthetic demo set
+    torchrun --nproc_per_node=2 train.py ...          # DistributedDataParallel, --batch_size per process
+
+Every epoch trains, validates (loss, KL, mIoU, per-class IoU, pixel accuracy), saves
+epoch_NNN.pt, last.pt and best.pt in --output_dir, rewrites metrics.csv and redraws loss_plot.png.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import dataset
+from dataset import DataError
+from model import SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
+from test import (CHECKPOINT_FORMAT, autocast, build_model, evaluate, load_checkpoint, make_output_dir,
+                  pick_device, pick_precision, save_checkpoint, summarize)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the segmentation VAE.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--train_path", help="training split: a folder with images/ and masks/, a folder X "
+                   "with sibling Xannot/, or a list file of 'image mask' lines (default: the demo set)")
+    d.add_argument("--val_path", help="validation split, same layouts (default: the demo val set, or "
+                   "none when --train_path is given without it)")
+    d.add_argument("--classes", help="class table CSV (index,name,r,g,b or name,r,g,b); default: "
+                   "classes.csv or class_dict.csv next to the data")
+    d.add_argument("--num_classes", type=int, help="number of classes when there is no class table")
+    d.add_argument("--ignore_index", type=int, help="void label excluded from loss and metrics "
+                   "(default: the table's Unlabelled/void row, else 255)")
+    d.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"),
+                   help="training size (default: 64 64 for the demo set, 240 320 otherwise)")
+    d.add_argument("--augment", type=int, default=1, choices=[0, 1],
+                   help="random zoom/shift/flip and colour jitter on training batches")
+    m = p.add_argument_group("model")
+    m.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256],
+                   help="channels of each downsampling block (depth = how many)")
+    m.add_argument("--latent_channels", type=int, default=32, help="channels of the spatial latent")
+    m.add_argument("--skip", type=int, default=1, choices=[0, 1], help="U-Net skip connections")
+    m.add_argument("--context", type=int, default=1, choices=[0, 1], help="dilated context at the bottleneck")
+    m.add_argument("--stochastic", type=int, default=1, choices=[0, 1],
+                   help="sample the latent (0: decode the mean only, the deterministic ablation)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=8, help="epochs to train (in total, also when resuming)")
+    o.add_argument("--batch_size", type=int, default=8, help="images per step, per process")
+    o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    o.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    o.add_argument("--warmup", type=float, default=0.03, help="share of steps with linear LR warm-up")
+    o.add_argument("--loss", default="ce", choices=["ce", "mse"],
+                   help="ce: pixel cross-entropy; mse: squared error of class probabilities vs one-hot")
+    o.add_argument("--class_weights", default="median_freq", choices=["none", "median_freq"],
+                   help="per-class loss weights computed from the training masks (Eigen & Fergus 2015)")
+    o.add_argument("--kl_weight", type=float, default=1.0,
+                   help="beta on the KL term (KL in nats per pixel, so 1 is the ELBO with --loss ce)")
+    o.add_argument("--kl_warmup", type=float, default=0.2, help="share of steps over which beta ramps up from 0")
+    o.add_argument("--free_bits", type=float, default=0.0, help="KL floor in nats per latent element")
+    o.add_argument("--grad_clip", type=float, default=5.0, help="clip the gradient norm (0: off)")
+    o.add_argument("--skip_nonfinite", type=int, default=0,
+                   help="steps with a non-finite loss to skip before stopping the run")
+    r = p.add_argument_group("run")
+    r.add_argument("--output_dir", help="where checkpoints, metrics.csv and plots go (default: runs/<time>)")
+    r.add_argument("--resume", help="a checkpoint to continue from, or 'auto' (last.pt in --output_dir if any)")
+    r.add_argument("--seed", type=int, default=0, help="seed for weights, batch order, augmentation, sampling")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype; auto = bf16 on CPUs with AVX-512 bf16 and on recent GPUs")
+    r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    r.add_argument("--eval_batch_size", type=int, default=8, help="images per step in validation")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    positive = {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+                "latent_channels": args.latent_channels, "lr": args.lr}
+    for name, value in positive.items():
+        if not value > 0:
+            raise DataError(f"--{name} {value} must be greater than 0")
+    for name in ("kl_weight", "free_bits", "grad_clip", "weight_decay", "skip_nonfinite", "threads"):
+        if getattr(args, name) < 0:
+            raise DataError(f"--{name} {getattr(args, name)} must not be negative")
+    if not 0 <= args.warmup < 1 or not 0 <= args.kl_warmup <= 1:
+        raise DataError("--warmup must be in [0, 1) and --kl_warmup in [0, 1]")
+    if any(w < 1 for w in args.widths):
+        raise DataError(f"--widths {args.widths} must all be at least 1")
+    if args.image_size and min(args.image_size) < 1:
+        raise DataError(f"--image_size {args.image_size} must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules (pure)
+
+
+def lr_at(step, total_steps, warmup_steps):
+    """LR multiplier: linear warm-up, then cosine decay to 0 (Loshchilov & Hutter 2017)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def kl_weight_at(step, total_steps, beta, warmup_share):
+    """KL weight: linear ramp from 0 to beta over the first `warmup_share` of training, so the
+    decoder learns to use the latent before the KL term pulls it to the prior (Bowman et al. 2016)."""
+    ramp = warmup_share * total_steps
+    return beta if ramp <= 0 else beta * min(1.0, step / ramp)
+
+
+def median_frequency_weights(masks, num_classes, ignore_index):
+    """w_c = median(freq) / freq_c, freq_c = pixels of class c / pixels of images holding c
+    (Eigen & Fergus 2015). Classes absent from the training masks get weight 0."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    present_pixels = torch.zeros(num_classes, dtype=torch.float64)
+    for m in masks:
+        m = m.long().flatten()
+        c = torch.bincount(m[m != ignore_index].clamp_max(num_classes - 1), minlength=num_classes).double()
+        counts += c
+        present_pixels += (c > 0).double() * m.numel()
+    freq = counts / present_pixels.clamp_min(1)
+    present = counts > 0
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = freq[present].median() / freq[present]
+    return weights.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed set-up (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+
+
+def setup_distributed(device_name):
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sums(sums, world):
+    if world > 1:
+        for v in sums.values():
+            dist.all_reduce(v)
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def load_data(args, is_main):
+    """Training and validation splits, the class table and the training size."""
+    if args.train_path is None:
+        size = tuple(args.image_size or dataset.DEMO_SIZE)
+        if is_main:
+            print("=" * 72 + "\nNo --train_path given: training on the built-in SYNTHETIC DEMO set "
+                  f"({dataset.DEMO_TRAIN[0]} train / {dataset.DEMO_VAL[0]} val images).\n" + "=" * 72)
+        table = dataset.demo_table()
+        train = dataset.demo_split(*dataset.DEMO_TRAIN, image_size=size)
+        val = dataset.demo_split(*dataset.DEMO_VAL, image_size=size)
+        return train, val, table, size
+    size = tuple(args.image_size or (240, 320))
+    table = dataset.make_class_table(args.classes, args.train_path, args.num_classes, args.ignore_index)
+    bar = (lambda it, **kw: tqdm(it, **kw)) if is_main else None
+    threads = args.threads or torch.get_num_threads()
+    train = dataset.load_split(args.train_path, table, size, threads, bar)
+    val = dataset.load_split(args.val_path, table, size, threads, bar) if args.val_path else None
+    return train, val, table, size
+
+
+def batch_order(n, epoch, seed, rank, world):
+    """This rank's sample indices for `epoch`: a DistributedSampler permutation (seed + epoch),
+    so an interrupted epoch can be replayed exactly on resume."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+class StopRequested(Exception):
+    pass
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def train_one_epoch(model, train, state, args, ctx):
+    """One pass over this rank's share of the training split, starting after the batches
+    already done (`state['batch_in_epoch']`, non-zero when resuming mid-epoch)."""
+    device, dtype, table = ctx["device"], ctx["dtype"], ctx["table"]
+    optimizer, scheduler, scaler = ctx["optimizer"], ctx["scheduler"], ctx["scaler"]
+    order = batch_order(len(train), state["epoch"], args.seed, ctx["rank"], ctx["world"])
+    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    model.train()
+    part = state["partial"]
+    image_pixels = ctx["size"][0] * ctx["size"][1]
+    bar = tqdm(batches, initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
+               disable=not ctx["is_main"], leave=False, dynamic_ncols=True)
+    bar_iter = iter(bar)
+    for _ in range(state["batch_in_epoch"]):
+        next(bar_iter, None)
+    for idx in bar_iter:
+        images = dataset.normalize(train.images[idx].to(device, non_blocking=True))
+        target = train.masks[idx].to(device, non_blocking=True).long()
+        if args.augment:
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
+            images, target = dataset.augment(images, target, gen, table.ignore_index)
+        images = images.contiguous(memory_format=torch.channels_last)
+        beta = kl_weight_at(state["step"], ctx["total_steps"], args.kl_weight, args.kl_warmup)
+        with autocast(device, dtype):
+            logits, mu, logvar = model(images)
+        recon = segmentation_loss(logits, target, args.loss, table.ignore_index, ctx["class_weights"])
+        kl = kl_loss(mu, logvar, image_pixels, args.free_bits)
+        loss = recon + beta * kl if model_config(model).stochastic else recon
+        if not torch.isfinite(loss):
+            state["nonfinite"] += 1
+            if state["nonfinite"] > args.skip_nonfinite:
+                raise NonFiniteLoss(f"epoch {state['epoch'] + 1} step {state['step']}")
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            scheduler.step()
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        part["loss"] += loss.detach().double() * len(idx)
+        part["kl"] += kl.detach().double() * len(idx)
+        part["images"] += len(idx)
+        state["step"] += 1
+        state["batch_in_epoch"] += 1
+        if state["step"] % 10 == 0 and ctx["is_main"]:
+            bar.set_postfix(loss=f"{float(part['loss'] / part['images']):.4f}",
+                            kl=f"{float(part['kl'] / part['images']):.4f}")
+        if ctx["stop"]["signal"]:
+            raise StopRequested(ctx["stop"]["signal"])
+    bar.close()
+
+
+def model_config(model):
+    return getattr(model, "module", model).config
+
+
+def new_partial(device):
+    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "kl", "images")}
+
+
+def checkpoint_dict(raw_model, state, args, ctx, full):
+    """A plain dict of state dicts and primitives; loads with weights_only=True."""
+    table = ctx["table"]
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "model": raw_model.state_dict(),
+        "model_config": raw_model.config.to_dict(),
+        "run_config": run_config(args),
+        "classes": list(table.names),
+        "colours": [list(c) if c else None for c in table.colours],
+        "ignore_index": int(table.ignore_index),
+        "image_size": list(ctx["size"]),
+        "epoch": state["epoch"],
+        "step": state["step"],
+        "best_miou": state["best_miou"],
+        "history": state["history"],
+        "temperature": 1.0,
+        "latent_scale": 1.0,
+    }
+    if full:
+        ckpt.update({
+            "optimizer": ctx["optimizer"].state_dict(),
+            "scheduler": ctx["scheduler"].state_dict(),
+            "scaler": ctx["scaler"].state_dict(),
+            "batch_in_epoch": state["batch_in_epoch"],
+            "partial": {k: float(v) for k, v in state["partial"].items()},
+            "nonfinite": state["nonfinite"],
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        })
+    return ckpt
+
+
+def run_config(args):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def write_metrics_csv(path, history, class_names):
+    keys = ["epoch", "step", "train_loss", "train_kl", "val_loss", "val_kl", "val_miou", "val_pixel_acc",
+            "val_class_acc", "active_latent", "lr", "seconds"]
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys + [f"iou_{n}" for n in class_names])
+        for row in history:
+            w.writerow([_fmt(row.get(k)) for k in keys] + [_fmt(v) for v in row.get("val_iou", [])])
+    os.replace(tmp, path)
+
+
+def _fmt(v):
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+
+
+def plot_history(path, history):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    if history[0].get("val_loss") is not None:
+        axes[0].plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
+    axes[0].set_title("loss (reconstruction + beta * KL; validation: reconstruction)")
+    axes[1].plot(ep, [h["train_kl"] for h in history], "o-", label="train")
+    if history[0].get("val_kl") is not None:
+        axes[1].plot(ep, [h["val_kl"] for h in history], "o-", label="validation")
+    axes[1].set_title("KL (nats per pixel)")
+    if history[0].get("val_miou") is not None:
+        axes[2].plot(ep, [h["val_miou"] for h in history], "o-", color="C2", label="validation")
+    axes[2].set_title("validation mIoU")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def resolve_output(args):
+    out = Path(args.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    resume = args.resume
+    if resume == "auto":
+        resume = out / "last.pt" if (out / "last.pt").exists() else None
+    elif resume is None and (out / "last.pt").exists():
+        raise DataError(f"output folder {out} already holds a run (last.pt); continue it with "
+                        "--resume auto, or choose another --output_dir")
+    return out, resume
+
+
+def main(args):
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
+    try:
+        return _main(args, rank, world, device, is_main)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _main(args, rank, world, device, is_main):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = pick_precision(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out, resume = resolve_output(args)
+    if is_main:
+        make_output_dir(out)
+    if args.train_path and args.val_path is None and is_main:
+        print("note: no --val_path; best.pt then follows the training loss")
+    train, val, table, size = load_data(args, is_main)
+
+    torch.manual_seed(args.seed)
+    config = VAEConfig(num_classes=table.num_classes, widths=tuple(args.widths),
+                       latent_channels=args.latent_channels, skip=bool(args.skip), context=bool(args.context),
+                       stochastic=bool(args.stochastic))
+    raw_model = SegVAE(config).to(device, memory_format=torch.channels_last)
+    model = raw_model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device] if device.type == "cuda" else None)
+    class_weights = None
+    if args.class_weights == "median_freq":
+        class_weights = median_frequency_weights(train.masks, table.num_classes, table.ignore_index).to(device)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / world) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = max(1, int(args.warmup * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "best_miou": -1.0, "history": [], "nonfinite": 0,
+             "partial": new_partial(device)}
+    if resume:
+        restore(resume, raw_model, optimizer, scheduler, scaler, state, device, config)
+        if is_main:
+            print(f"resumed from {resume}: {state['epoch']} epochs done, step {state['step']}")
+    ctx = {"device": device, "dtype": dtype, "table": table, "optimizer": optimizer, "scheduler": scheduler,
+           "scaler": scaler, "rank": rank, "world": world, "is_main": is_main, "size": size,
+           "total_steps": total_steps, "class_weights": class_weights, "stop": {"signal": None}}
+    if is_main:
+        print(f"model: {count_parameters(raw_model) / 1e6:.2f}M parameters, {config}")
+        print(f"data: {len(train)} train / {len(val) if val else 0} val images at {size[0]}x{size[1]}, "
+              f"{table.num_classes} classes, void = {table.ignore_index}")
+        print(f"device {device}, precision {dtype or 'fp32'}, {world} process(es), "
+              f"{torch.get_num_threads()} threads, output {out}")
+        print("config: " + json.dumps(run_config(args)))
+        (out / "config.json").write_text(json.dumps(run_config(args), indent=1))
+
+    def on_signal(signum, frame):
+        ctx["stop"]["signal"] = signal.Signals(signum).name
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train_loop(model, raw_model, train, val, state, args, ctx, out, steps_per_epoch)
+    except StopRequested as e:
+        if is_main:
+            save_checkpoint(checkpoint_dict(raw_model, state, args, ctx, full=True), out / "last.pt")
+            print(f"stopped by {e} in epoch {state['epoch'] + 1} after step {state['step']}; saved "
+                  f"{out / 'last.pt'}; continue with --output_dir {out} --resume auto")
+        sys.exit(130 if str(e) == "SIGINT" else 143)
+    except NonFiniteLoss as e:
+        raise DataError(f"the loss became non-finite at {e}; the last good checkpoint {out / 'last.pt'} "
+                        "is kept. Lower --lr, use --precision fp32, or allow a few bad steps with "
+                        "--skip_nonfinite N") from None
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return state
+
+
+def train_loop(model, raw_model, train, val, state, args, ctx, out, steps_per_epoch):
+    is_main, device = ctx["is_main"], ctx["device"]
+    while state["epoch"] < args.epochs:
+        t0 = time.time()
+        train_one_epoch(model, train, state, args, ctx)
+        part = all_reduce_sums(dict(state["partial"]), ctx["world"])
+        n = float(part["images"].clamp_min(1))
+        row = {"epoch": state["epoch"] + 1, "step": state["step"], "train_loss": float(part["loss"]) / n,
+               "train_kl": float(part["kl"]) / n, "lr": ctx["scheduler"].get_last_lr()[0]}
+        if val is not None:
+            shard = range(ctx["rank"], len(val), ctx["world"])
+            sums = evaluate(raw_model, val, num_classes=ctx["table"].num_classes,
+                            ignore_index=ctx["table"].ignore_index, device=device, dtype=ctx["dtype"],
+                            batch_size=args.eval_batch_size, loss_kind=args.loss,
+                            class_weights=ctx["class_weights"], indices=shard)
+            m = summarize(all_reduce_sums(sums, ctx["world"]))
+            row.update({"val_loss": m["loss"], "val_kl": m["kl"], "val_miou": m["miou"],
+                        "val_pixel_acc": m["pixel_acc"], "val_class_acc": m["class_acc"],
+                        "active_latent": m["active_latent"], "val_iou": m["iou"]})
+        row["seconds"] = time.time() - t0
+        score = row.get("val_miou", -row["train_loss"])
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        state["partial"] = new_partial(device)
+        state["history"].append(row)
+        improved = score > state["best_miou"]
+        if improved:
+            state["best_miou"] = score
+        if is_main:
+            save_epoch(raw_model, state, args, ctx, out, improved)
+            print(epoch_line(row, args.epochs))
+
+
+def save_epoch(raw_model, state, args, ctx, out, improved):
+    light = checkpoint_dict(raw_model, state, args, ctx, full=False)
+    save_checkpoint(light, out / f"epoch_{state['epoch']:03d}.pt")
+    if improved:
+        save_checkpoint(light, out / "best.pt")
+    save_checkpoint(checkpoint_dict(raw_model, state, args, ctx, full=True), out / "last.pt")
+    write_metrics_csv(out / "metrics.csv", state["history"], ctx["table"].names)
+    plot_history(out / "loss_plot.png", state["history"])
+
+
+def epoch_line(row, epochs):
+    s = f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f}  kl {row['train_kl']:.4f}"
+    if "val_miou" in row:
+        s += (f"  val loss {row['val_loss']:.4f}  mIoU {row['val_miou'] * 100:.1f}  "
+              f"pixel acc {row['val_pixel_acc'] * 100:.1f}  active latent {row['active_latent']}")
+    return s + f"  ({row['seconds']:.0f}s)"
+
+
+def restore(path, raw_model, optimizer, scheduler, scaler, state, device, config):
+    ckpt = load_checkpoint(path, device)
+    if "optimizer" not in ckpt:
+        raise DataError(f"checkpoint {path} holds weights only (epoch_NNN.pt / best.pt); resume from "
+                        "last.pt, which also holds the optimizer state")
+    if ckpt["model_config"] != config.to_dict():
+        raise DataError(f"checkpoint {path} was trained with model {ckpt['model_config']}, but these "
+                        f"arguments build {config.to_dict()}; use the same model and data flags to resume")
+    build_model(ckpt, path)  # checks the weights fit before anything is overwritten
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    for k in ("epoch", "step", "best_miou", "history", "batch_in_epoch", "nonfinite"):
+        state[k] = ckpt[k]
+    state["partial"] = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in ckpt["partial"].items()}
+    torch.set_rng_state(ckpt["rng_cpu"].cpu())
+    if ckpt["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
