@@ -52,11 +52,15 @@ def conv_bn_relu(cin, cout, stride=1, dilation=1):
 
 
 class Down(nn.Module):
-    """Strided conv + BN + ReLU halves the resolution, then a residual 3x3 conv refines it."""
+    """Strided conv + BN + ReLU halves the resolution, then a residual 3x3 conv refines it.
+    The strided conv is 2x2 so that output pixel i sits at the centre of input pixels 2i, 2i+1,
+    the same grid that ConvTranspose2d(2, stride=2) and bilinear upsampling assume; a 3x3
+    stride-2 conv would centre it on 2i and shift the mask by about a pixel after the decoder."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.down = conv_bn_relu(cin, cout, stride=2)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 2, stride=2, bias=False), nn.BatchNorm2d(cout),
+                                  nn.ReLU(inplace=True))
         self.conv = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):

@@ -10,6 +10,7 @@ the functions that need them, so that `--help` and argument errors answer at onc
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -264,8 +265,8 @@ def segment_image(model, image, image_size, device, dtype, samples=1, temperatur
     return F.interpolate(probs, size=image.shape[-2:], mode="bilinear", align_corners=False).cpu()
 
 
-def save_figure(path, image, pred, pal, table, truth=None):
-    """input | prediction overlaid with a legend | (ground truth | errors)."""
+def save_figure(path, image, pred, pal, table, truth=None, uncertainty=None, vmax=1.0, samples=1):
+    """input | prediction overlaid, with a legend | uncertainty | (ground truth | errors)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,6 +278,9 @@ def save_figure(path, image, pred, pal, table, truth=None):
 
     img = image.permute(1, 2, 0).numpy()
     panels = [("input", img), ("prediction", (0.45 * img + 0.55 * colourize(pred, pal)).astype(np.uint8))]
+    if uncertainty is not None:
+        label = f"entropy, {samples} samples" if samples > 1 else "entropy (mean latent)"
+        panels.append((label, uncertainty))
     title = ""
     if truth is not None:
         import torch
@@ -292,7 +296,7 @@ def save_figure(path, image, pred, pal, table, truth=None):
         title = f"this image: mIoU {s['miou'] * 100:.1f}, pixel accuracy {s['pixel_acc'] * 100:.1f}"
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2 * img.shape[0] / img.shape[1] + 1.2))
     for ax, (name, a) in zip(np.atleast_1d(axes), panels):
-        ax.imshow(a)
+        ax.imshow(a, cmap="magma", vmin=0, vmax=vmax) if a.ndim == 2 else ax.imshow(a)
         ax.set_title(name)
         ax.axis("off")
     handles = [Patch(color=pal[i] / 255, label=n) for i, n in enumerate(table.names)]
@@ -304,33 +308,85 @@ def save_figure(path, image, pred, pal, table, truth=None):
     plt.close(fig)
 
 
+def save_map(path, values, title, vmax):
+    """A colour-mapped uncertainty map with a colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = values.shape
+    fig, ax = plt.subplots(figsize=(6, 6 * h / w + 0.4))
+    im = ax.imshow(values, cmap="magma", vmin=0, vmax=vmax)
+    ax.set_title(title)
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+MAPS = {  # name -> (title, upper end of the colour scale as a function of the class count)
+    "entropy": ("predictive entropy (nats)", lambda c: math.log(c)),
+    "mutual_info": ("mutual information: uncertainty from the latent (nats)", lambda c: math.log(c)),
+    "variance": ("sample variance of the winning class probability", lambda c: 0.25),
+}
+
+
 def run_images(args, ckpt, model, device, dtype):
+    """Segment each image: colour mask, figure and, with --samples > 1, uncertainty maps
+    (PNG with colour bar and .npy) per image, and uncertainty_ranking.csv over the images."""
+    import csv
+
     import numpy as np
     from PIL import Image
 
     from dataset import load_image, load_mask, palette
+    from metrics import uncertainty_maps
 
     paths = expand_image_paths(args.test_image_path)
+    if args.mask_path and len(paths) > 1:
+        raise DataError(f"--mask_path {args.mask_path} names one mask but --test_image_path "
+                        f"{args.test_image_path} matches {len(paths)} images; give a single image")
     table = table_from_checkpoint(ckpt)
     pal = palette(table)
     image_size = tuple(ckpt["image_size"])
     out_dir = make_output_dir(args.output_dir)
-    temperature = float(ckpt.get("temperature", 1.0))
+    temperature, latent_scale = float(ckpt.get("temperature", 1.0)), float(ckpt.get("latent_scale", 1.0))
+    ranking = []
     for path in paths:
         image = load_image(path)
-        probs = segment_image(model, image, image_size, device, dtype, 1, temperature)
-        pred = probs.mean(0).argmax(0).numpy().astype(np.uint8)
+        probs = segment_image(model, image, image_size, device, dtype, args.samples, temperature,
+                              latent_scale, args.seed)
+        maps = {k: v[0].numpy() for k, v in uncertainty_maps(probs[:, None]).items()}
+        pred = maps["mean"].argmax(0).astype(np.uint8)
         truth = None
-        if args.mask_path and len(paths) == 1:
+        if args.mask_path:
             truth = load_mask(args.mask_path, table).numpy()
             if truth.shape != pred.shape:
                 raise DataError(f"mask {args.mask_path} is {truth.shape[1]}x{truth.shape[0]} but image "
                                 f"{path} is {pred.shape[1]}x{pred.shape[0]}; give the image's own mask")
-        mask_png = out_dir / f"{path.stem}_mask.png"
-        Image.fromarray(colourize(pred, pal)).save(mask_png)
-        fig_png = out_dir / f"{path.stem}_figure.png"
-        save_figure(fig_png, image, pred, pal, table, truth)
-        print(f"{path}: mask {mask_png}, figure {fig_png}")
+        written = [out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_figure.png"]
+        Image.fromarray(colourize(pred, pal)).save(written[0])
+        save_figure(written[1], image, pred, pal, table, truth, maps["entropy"], math.log(table.num_classes),
+                    args.samples)
+        if args.samples > 1:
+            for name, (title, vmax) in MAPS.items():
+                png, npy = out_dir / f"{path.stem}_{name}.png", out_dir / f"{path.stem}_{name}.npy"
+                save_map(png, maps[name], f"{title}, {args.samples} samples", vmax(table.num_classes))
+                np.save(npy, maps[name].astype(np.float32))
+                written += [png, npy]
+        ranking.append((str(path), float(maps["entropy"].mean()), float(maps["mutual_info"].mean()),
+                        float(maps["variance"].mean())))
+        print(f"{path}: " + ", ".join(str(p) for p in written))
+    if args.samples > 1:
+        ranking.sort(key=lambda r: -r[1])
+        with open(out_dir / "uncertainty_ranking.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rank", "image", "mean_entropy", "mean_mutual_info", "mean_variance"])
+            for i, r in enumerate(ranking, 1):
+                w.writerow([i, r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}"])
+        print(f"images ranked by mean predictive entropy (label these first): {out_dir / 'uncertainty_ranking.csv'}")
 
 
 def expand_image_paths(spec):
@@ -365,23 +421,166 @@ def make_output_dir(path):
     return path
 
 
+def evaluate_uncertainty(model, split, table, device, dtype, samples, temperature=1.0, latent_scale=1.0,
+                         seed=0, batch_size=8, progress=None):
+    """Calibration and error detection over a split, at each label's resolution. Three scores
+    rank pixels by uncertainty: the predictive entropy and the mutual information of `samples`
+    latent draws (calibration from their mean), and the softmax entropy of the mean-latent
+    prediction (calibration from it), so the gain from sampling is visible."""
+    import torch
+    import torch.nn.functional as F
+
+    from metrics import UncertaintyMeter, softmax_entropy, uncertainty_maps
+
+    c, void = table.num_classes, table.ignore_index
+    meters = {name: UncertaintyMeter(c, void, math.log(c))
+              for name in ("sampled_entropy", "sampled_mutual_info", "mean_softmax_entropy")}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    chunks = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
+    for idx in progress(chunks, desc="uncertainty", leave=False) if progress else chunks:
+        images = split.images[idx]
+        maps = uncertainty_maps(forward_probs(model, images, device, dtype, samples, temperature,
+                                              latent_scale, generator=gen))
+        mean_latent = forward_probs(model, images, device, dtype, 1, temperature)[0]  # (B, C, h, w)
+        for j, i in enumerate(idx):
+            label = split.label_masks[i][None].to(device).long()  # (1, H, W)
+
+            def up(t, j=j, size=label.shape[-2:]):
+                t = t[j:j + 1]
+                t = t if t.dim() == 4 else t[:, None]  # (1, C or 1, h, w)
+                return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+            probs, single = up(maps["mean"]), up(mean_latent)
+            meters["sampled_entropy"].update(probs, label, up(maps["entropy"])[:, 0])
+            meters["sampled_mutual_info"].update(probs, label, up(maps["mutual_info"])[:, 0])
+            meters["mean_softmax_entropy"].update(single, label, softmax_entropy(single))
+    return meters
+
+
+def fit_temperature(model, split, table, device, dtype, samples, seed=0, max_pixels=400_000):
+    """Temperature scaling (Guo et al. 2017): the T > 0 that minimizes the NLL of the mean of
+    softmax(logits_s / T) over a random subset of the split's valid pixels."""
+    import torch
+    import torch.nn.functional as F
+    from scipy.optimize import minimize_scalar
+
+    from dataset import normalize
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    per_image = max(1, max_pixels // max(1, len(split)))
+    logits_kept, labels_kept = [], []
+    for i in range(len(split)):
+        x = normalize(split.images[i:i + 1].to(device)).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(device, dtype):
+            logits = model.sample(x, samples, generator=gen)[:, 0].float()  # (S, C, h, w)
+        label = split.label_masks[i].to(device).long()
+        logits = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)
+        valid = (label != table.ignore_index).flatten().nonzero()[:, 0]
+        pick = valid[torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed + i))[:per_image]
+                     .to(device)]
+        logits_kept.append(logits.flatten(2)[:, :, pick].cpu())  # (S, C, n)
+        labels_kept.append(label.flatten()[pick].cpu())
+    logits, labels = torch.cat(logits_kept, 2).double(), torch.cat(labels_kept)
+
+    def nll(log_t):
+        p = (logits / math.exp(log_t)).softmax(1).mean(0)  # (C, n)
+        return float(-p.gather(0, labels[None]).clamp_min(1e-12).log().mean())
+
+    best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return math.exp(float(best.x)), nll(0.0), float(best.fun)
+
+
+def save_reliability(path, meters):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, label in (("sampled_entropy", "sampled mean"), ("mean_softmax_entropy", "mean latent")):
+        r = meters[name].reliability()
+        axes[0].plot(r["confidence"], r["accuracy"], "o-", label=label)
+    axes[0].plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    axes[0].set(xlabel="confidence", ylabel="accuracy", title="reliability diagram (15 bins)")
+    for name, res in meters.items():
+        curve = res.compute()["curve"]
+        axes[1].plot(curve["coverage"], curve["accuracy"], label=name.replace("_", " "))
+    axes[1].set(xlabel="coverage (most certain pixels kept)", ylabel="pixel accuracy",
+                title="accuracy versus coverage")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_confusion(path, cm, names):
+    """Row-normalized confusion matrix (rows: true class) as an image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 0.6 * len(names) + 0.5))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{norm[i, j] * 100:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (% of each true class)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def run_split(args, ckpt, model, device, dtype):
+    """Evaluate a labelled split: mIoU, per-class IoU, pixel and class accuracy (void ignored,
+    at each label's resolution), calibration and error detection; metrics.json and plots."""
     from dataset import load_split
 
     table = table_from_checkpoint(ckpt)
     split = load_split(args.test_path, table, tuple(ckpt["image_size"]))
+    out_dir = make_output_dir(args.output_dir)
+    if args.calibrate:
+        t, before, after = fit_temperature(model, split, table, device, dtype, args.samples, args.seed)
+        ckpt["temperature"] = t
+        ckpt["calibration"] = {"data": str(args.test_path), "samples": args.samples, "nll_before": before,
+                               "nll_after": after}
+        save_checkpoint(ckpt, args.model_path)
+        print(f"calibrated on {args.test_path}: temperature {t:.3f} (pixel NLL {before:.4f} -> {after:.4f}); "
+              f"stored in {args.model_path}")
+    temperature, latent_scale = float(ckpt.get("temperature", 1.0)), float(ckpt.get("latent_scale", 1.0))
     sums = evaluate(model, split, num_classes=table.num_classes, ignore_index=table.ignore_index,
                     device=device, dtype=dtype, batch_size=args.batch_size, flip=args.flip)
     metrics = summarize(sums)
     print(f"{args.test_path}: {len(split)} images, evaluated at each label's resolution, void ignored")
     print(format_scores(metrics, table.names))
-    out_dir = make_output_dir(args.output_dir)
-    metrics["classes"] = table.names
-    metrics["confusion_matrix"] = sums["cm"].cpu().tolist()
-    metrics["data"] = str(args.test_path)
-    metrics["checkpoint"] = str(args.model_path)
+    meters = evaluate_uncertainty(model, split, table, device, dtype, args.samples, temperature, latent_scale,
+                                  args.seed, args.batch_size)
+    print(f"\nuncertainty, {args.samples} latent sample(s), temperature {temperature:.3f}:")
+    print(f"{'score':<22}{'ECE':>7}{'NLL':>8}{'Brier':>8}{'AUROC':>8}"
+          f"{'mIoU@50%':>10}{'mIoU@75%':>10}{'mIoU@90%':>10}")
+    metrics["uncertainty"] = {}
+    for name, meter in meters.items():
+        r = meter.compute()
+        cov = {round(c["coverage"], 2): c["miou"] for c in r["coverage"]}
+        print(f"{name:<22}{r['ece']:>7.4f}{r['nll']:>8.4f}{r['brier']:>8.4f}{r['auroc']:>8.4f}"
+              f"{cov[0.5] * 100:>10.1f}{cov[0.75] * 100:>10.1f}{cov[0.9] * 100:>10.1f}")
+        r.pop("curve")
+        metrics["uncertainty"][name] = r
+    metrics.update({"classes": table.names, "confusion_matrix": sums["cm"].cpu().tolist(),
+                    "data": str(args.test_path), "checkpoint": str(args.model_path), "samples": args.samples,
+                    "temperature": temperature, "flip": args.flip})
+    save_confusion(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], table.names)
+    save_reliability(out_dir / "reliability.png", meters)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"wrote {out_dir / 'metrics.json'}")
+    print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'confusion_matrix.png'}, {out_dir / 'reliability.png'}")
     return metrics
 
 
@@ -396,12 +595,21 @@ def get_args(argv=None):
     p.add_argument("--output_dir", default="predictions", help="where outputs go (default: predictions)")
     p.add_argument("--batch_size", type=int, default=8, help="images per forward pass in evaluation (default: 8)")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image (test-time flip)")
+    p.add_argument("--samples", type=int, default=1, help="latent samples per image; 1 decodes the mean "
+                   "latent, more adds uncertainty maps (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for latent sampling (default: 0)")
+    p.add_argument("--calibrate", action="store_true", help="fit a temperature on --test_path (use the val "
+                   "split) and store it in the checkpoint; later runs use it")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (default: auto = bf16 where the hardware has it)")
     args = p.parse_args(argv)
     if not args.test_image_path and not args.test_path:
-        p.error("give --test_image_path (segment images) or --test_path (evaluate a labelled split)")
+        raise DataError("give --test_image_path (segment images) or --test_path (evaluate a labelled split)")
+    if args.samples < 1 or args.batch_size < 1:
+        raise DataError(f"--samples {args.samples} and --batch_size {args.batch_size} must be at least 1")
+    if args.calibrate and not args.test_path:
+        raise DataError("--calibrate needs --test_path: the labelled split (val) to fit the temperature on")
     return args
 
 

@@ -135,7 +135,7 @@ def median_frequency_weights(masks, num_classes, ignore_index):
     freq = counts / present_pixels.clamp_min(1)
     present = counts > 0
     weights = torch.zeros(num_classes, dtype=torch.float64)
-    weights[present] = freq[present].median() / freq[present]
+    weights[present] = freq[present].quantile(0.5) / freq[present]  # the usual median (mean of middle two)
     return weights.float()
 
 
@@ -397,7 +397,8 @@ def _main(args, rank, world, device, is_main):
     raw_model = SegVAE(config).to(device, memory_format=torch.channels_last)
     model = raw_model
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device] if device.type == "cuda" else None)
+        ids = [device] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=ids)
     class_weights = None
     if args.class_weights == "median_freq":
         class_weights = median_frequency_weights(train.masks, table.num_classes, table.ignore_index).to(device)
