@@ -14,7 +14,7 @@ $(VENV)/installed: requirements.txt
 
 demo: $(VENV)/installed
 	$(PY) dataset.py --write_demo demo_data
-	$(PY) train.py --epochs 16 --output_dir $(DEMO_RUN)
+	$(PY) train.py --epochs 15 --augment 0 --class_weights none --output_dir $(DEMO_RUN)
 	$(PY) test.py --test_image_path demo_data/val/images/0000.png --mask_path demo_data/val/masks/0000.png \
 		--model_path $(DEMO_RUN)/best.pt --output_dir $(DEMO_RUN)/predictions
 	@echo

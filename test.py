@@ -525,7 +525,8 @@ def save_confusion(path, cm, names):
 
     cm = np.asarray(cm, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 0.6 * len(names) + 0.5))
+    side = max(5.0, 1.5 + 0.55 * len(names))
+    fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(names)):
         for j in range(len(names)):

@@ -337,7 +337,7 @@ def plot_history(path, history):
     axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     if history[0].get("val_loss") is not None:
         axes[0].plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
-    axes[0].set_title("loss (reconstruction + beta * KL; validation: reconstruction)")
+    axes[0].set_title("loss (train: incl. beta * KL)")
     axes[1].plot(ep, [h["train_kl"] for h in history], "o-", label="train")
     if history[0].get("val_kl") is not None:
         axes[1].plot(ep, [h["val_kl"] for h in history], "o-", label="validation")

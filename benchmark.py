@@ -1,0 +1,425 @@
+"""Throughput, FLOP utilisation, memory and inference latency of the CamVid recipe on this machine.
+
+    python benchmark.py                                   # the recipe: default model, 240x320, batch 8
+    python benchmark.py --steps 3 --warmup 1 --train_images 32 --cli_runs 1   # a quick check
+    python benchmark.py --model_path runs/x/best.pt --json benchmark.json --profile 15
+
+The peak it compares against is measured in the same run: one 3x3 conv (--peak_conv) forward +
+backward, channels-last, in fp32 and in the training dtype. Training is timed in two child
+processes, each with its own peak resident memory: on one fixed normalized batch (no data path)
+and through train.train_one_epoch on the uint8 CamVid cache (index, normalize, augment, exactly
+as train.py). Inference runs test.py's model on one 360x480 CamVid val image, in-process and as
+`python test.py` from launch to PNG written. Run it on an otherwise idle machine.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dataset
+import test
+import train
+from model import SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
+
+REPO = Path(__file__).resolve().parent
+
+
+def get_args(argv=None):
+    base = train.get_args([])  # train.py's defaults, so the benchmark runs the recipe's model
+    p = argparse.ArgumentParser(description="Benchmark training and inference of the segmentation VAE.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--camvid", default="../shared/data/camvid", help="data folder with train/ and val/ splits")
+    p.add_argument("--image_size", type=int, nargs=2, default=[240, 320], metavar=("H", "W"),
+                   help="training size (train.py's default for real data)")
+    p.add_argument("--batch_size", type=int, default=base.batch_size, help="images per training step")
+    p.add_argument("--widths", type=int, nargs="+", default=base.widths, help="channels of each down block")
+    p.add_argument("--latent_channels", type=int, default=base.latent_channels, help="channels of the latent")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (or runs) per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    p.add_argument("--train_images", type=int, default=0,
+                   help="decode only this many CamVid train images (0: all, as train.py; sets the cache size)")
+    p.add_argument("--peak_conv", type=int, nargs=3, default=[128, 60, 80], metavar=("C", "H", "W"),
+                   help="the reference layer: C->C 3x3 conv on (batch_size, C, H, W)")
+    p.add_argument("--model_path", help="checkpoint for the inference figures; none: a fresh untrained "
+                   "one, saved in train.py's format at --image_size")
+    p.add_argument("--test_image", help="image for the inference figures; none: the first CamVid val image")
+    p.add_argument("--cli_runs", type=int, default=3, help="launches of test.py to time (median)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default=base.precision, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="training and inference autocast dtype, as in train.py / test.py")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="print the top N ops of two profiled training steps (data path)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--_worker", choices=["memory", "data"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if min(args.steps, args.batch_size, args.cli_runs) < 1 or args.warmup < 0:
+        raise dataset.DataError("--steps, --batch_size and --cli_runs must be at least 1, --warmup at least 0")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def setup(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = test.pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device, test.pick_precision(args.precision, device)
+
+
+def train_args(args):
+    """train.py's arguments for the benchmarked recipe; every flag not named here is train.py's default."""
+    return train.get_args(["--train_path", str(Path(args.camvid) / "train"), "--batch_size", str(args.batch_size),
+                           "--image_size", *map(str, args.image_size), "--widths", *map(str, args.widths),
+                           "--latent_channels", str(args.latent_channels), "--precision", args.precision,
+                           "--device", args.device, "--threads", str(args.threads)])
+
+
+def new_model(targs, table, device):
+    config = VAEConfig(num_classes=table.num_classes, widths=tuple(targs.widths), latent_channels=targs.latent_channels,
+                       skip=bool(targs.skip), context=bool(targs.context), stochastic=bool(targs.stochastic))
+    return SegVAE(config).to(device, memory_format=torch.channels_last)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, n, warmup, device):
+    """Seconds per call of fn() for n calls after `warmup` untimed ones, synchronized each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_rss_mib():
+    """This process's peak resident memory. On Linux VmHWM, because ru_maxrss survives exec: a child
+    started by a parent that once held 800 MiB reports ru_maxrss >= 800 MiB whatever it does itself."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def conv_peak(args, device, dtype):
+    """GFLOP/s of one C->C 3x3 conv, forward + backward (input and weight gradients), channels-last."""
+    c, h, w = args.peak_conv
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(device, memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+
+    def step():
+        with test.autocast(device, dtype):
+            y = conv(x)
+        y.backward(torch.ones_like(y))
+        conv.weight.grad = x.grad = None
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return fc.get_total_flops() / median(time_calls(step, args.steps, args.warmup, device)) / 1e9
+
+
+def count_flops(model, size, device):
+    """FLOPs per image of the training forward and of its backward (FlopCounterMode counts convs
+    and matmuls; batch norm, activations and resampling are not counted)."""
+    model.train()
+    x = torch.randn(1, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as fwd:
+        logits, mu, logvar = model(x)
+    with FlopCounterMode(display=False) as bwd:
+        (logits.float().mean() + mu.float().mean() + logvar.float().mean()).backward()
+    model.zero_grad(set_to_none=True)
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+class StepClock:
+    """Stands in for the LR scheduler that train_one_epoch steps once at the end of every batch,
+    so each batch (data path included) is timed without touching train.py."""
+
+    def __init__(self, scheduler, device):
+        self.scheduler, self.device, self.times, self.last = scheduler, device, [], time.perf_counter()
+
+    def step(self):
+        self.scheduler.step()
+        sync(self.device)
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+
+
+def training_setup(targs, table, masks, n_train, device, dtype):
+    """Model, optimizer, schedule, ctx and state as train._main builds them (one process)."""
+    torch.manual_seed(targs.seed)
+    model = new_model(targs, table, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, weight_decay=targs.weight_decay)
+    total = math.ceil(n_train / targs.batch_size) * targs.epochs
+    warmup = max(1, int(targs.warmup * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_at(s, total, warmup))
+    ctx = {"device": device, "dtype": dtype, "table": table, "optimizer": optimizer,
+           "scheduler": StepClock(scheduler, device), "rank": 0, "world": 1, "is_main": False,  # no tqdm bar
+           "scaler": torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+           "size": tuple(targs.image_size), "total_steps": total, "stop": {"signal": None},
+           "class_weights": train.median_frequency_weights(masks, table.num_classes, table.ignore_index).to(device)}
+    state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "nonfinite": 0, "partial": train.new_partial(device)}
+    return model, ctx, state
+
+
+def fixed_batch_times(args, targs, model, ctx, state, images, masks):
+    """Seconds per step on one normalized batch reused every step: the body of
+    train.train_one_epoch after its batch is made, and nothing else."""
+    device, dtype, table, optimizer, scaler = (ctx[k] for k in ("device", "dtype", "table", "optimizer", "scaler"))
+    x = dataset.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
+    target = masks.to(device).long()
+    pixels = x.shape[-2] * x.shape[-1]
+    model.train()
+
+    def step():
+        beta = train.kl_weight_at(state["step"], ctx["total_steps"], targs.kl_weight, targs.kl_warmup)
+        with test.autocast(device, dtype):
+            logits, mu, logvar = model(x)
+        recon = segmentation_loss(logits, target, targs.loss, table.ignore_index, ctx["class_weights"])
+        loss = recon + beta * kl_loss(mu, logvar, pixels, targs.free_bits)
+        if not torch.isfinite(loss):
+            raise train.NonFiniteLoss(f"step {state['step']}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if targs.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        ctx["scheduler"].step()
+        state["step"] += 1
+
+    return time_calls(step, args.steps, args.warmup, device)
+
+
+def data_path_times(args, targs, model, ctx, state, split):
+    """Seconds per step of train.train_one_epoch itself (index the uint8 cache, normalize,
+    augment, channels-last, step), over as many epochs of `split` as the steps need."""
+    clock = ctx["scheduler"]
+    while len(clock.times) < args.warmup + args.steps:
+        clock.last = time.perf_counter()
+        train.train_one_epoch(model, split, state, targs, ctx)
+        state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+    return clock.times[args.warmup:args.warmup + args.steps]
+
+
+def print_profile(args, targs, model, ctx, state, split):
+    """The top --profile ops of two more train_one_epoch steps, by self time, on stderr."""
+    cuda = ctx["device"].type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    b = args.batch_size
+    with torch.profiler.profile(activities=activities) as prof:
+        two = dataset.Split(split.images[:2 * b], split.masks[:2 * b], [], split.names[:2 * b])
+        train.train_one_epoch(model, two, state, targs, ctx)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.profile), file=sys.stderr)
+
+
+def measure_training(args, mode):
+    """Run in a child process. mode "memory": a fixed batch, no data path; "data": train.py's
+    data path on the CamVid uint8 cache. Median seconds per step and the process's peak RSS."""
+    device, dtype = setup(args)
+    targs = train_args(args)
+    table = dataset.make_class_table(None, targs.train_path)
+    size, b = tuple(args.image_size), args.batch_size
+    pairs = dataset.find_pairs(targs.train_path)
+    if len(pairs) < b or len(pairs) < args.train_images:
+        raise dataset.DataError(f"{targs.train_path} has {len(pairs)} images, fewer than --batch_size {b} "
+                                f"or --train_images {args.train_images}")
+    out = {}
+    if mode == "memory":
+        images = torch.stack([dataset.resize_image(dataset.load_image(i), size) for i, _ in pairs[:b]])
+        masks = torch.stack([dataset.resize_mask(dataset.load_mask(m, table), size) for _, m in pairs[:b]])
+        model, ctx, state = training_setup(targs, table, masks, len(pairs), device, dtype)
+        out["rss_before_mib"] = peak_rss_mib()
+        times = fixed_batch_times(args, targs, model, ctx, state, images, masks)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = targs.train_path
+            if args.train_images:  # a SegNet-style list file of the first N pairs
+                src = Path(tmp) / "train.txt"
+                src.write_text("".join(f"{i.resolve()} {m.resolve()}\n" for i, m in pairs[:args.train_images]))
+            t0 = time.perf_counter()
+            split = dataset.load_split(src, table, size, args.threads or torch.get_num_threads())
+            out["decode_s"] = time.perf_counter() - t0
+        out["cache_mib"] = sum(t.nbytes for t in [split.images, split.masks, *split.label_masks]) / 2**20
+        model, ctx, state = training_setup(targs, table, split.masks, len(pairs), device, dtype)
+        out["rss_before_mib"] = peak_rss_mib()
+        keep = len(split) // b * b  # whole batches only: a short last batch would flatter the step time
+        split = dataset.Split(split.images[:keep], split.masks[:keep], split.label_masks[:keep], split.names[:keep])
+        times = data_path_times(args, targs, model, ctx, state, split)
+    out.update({"step_s": median(times), "step_times_s": times, "peak_rss_mib": peak_rss_mib()})
+    if device.type == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if args.profile and mode == "data":  # after the memory reading: the profiler holds its own buffers
+        print_profile(args, targs, model, ctx, state, split)
+    return out
+
+
+def run_worker(args, mode):
+    """measure_training in a fresh process, so its peak RSS is that training run's and not inflated
+    by the benchmark's other parts (conv peak, FLOP count, inference)."""
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args.argv, "--_worker", mode],
+                       stdout=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmark worker '{mode}' failed with exit code {r.returncode} (its error is above)")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def measure_inference(args, table, device, dtype, tmp):
+    """test.py's forward at the checkpoint's size on one image, in-process and as a whole process."""
+    targs = train_args(args)
+    ckpt_path = args.model_path
+    if ckpt_path is None:  # an untrained model, saved exactly as train.py saves epoch_NNN.pt
+        ckpt_path = Path(tmp) / "fresh.pt"
+        torch.manual_seed(targs.seed)
+        state = {"epoch": 0, "step": 0, "best_miou": -1.0, "history": []}
+        ckpt = train.checkpoint_dict(new_model(targs, table, torch.device("cpu")), state, targs,
+                                     {"table": table, "size": tuple(args.image_size)}, full=False)
+        test.save_checkpoint(ckpt, ckpt_path)
+    image_path = Path(args.test_image or dataset.find_pairs(Path(args.camvid) / "val")[0][0])
+    ckpt = test.load_checkpoint(ckpt_path, device)
+    model = test.build_model(ckpt, ckpt_path, device)
+    size = tuple(ckpt["image_size"])
+    image = dataset.load_image(image_path)
+    x = dataset.normalize(dataset.resize_image(image, size)[None].to(device))
+    x = x.contiguous(memory_format=torch.channels_last)  # (1, 3, h, w), as test.forward_probs
+
+    def forward():
+        with torch.no_grad(), test.autocast(device, dtype):
+            model.sample(x, 1)
+
+    out = {"image": str(image_path), "image_hw": list(image.shape[-2:]), "model_hw": list(size),
+           "forward_ms": 1e3 * median(time_calls(forward, args.steps, args.warmup, device)),
+           "segment_ms": 1e3 * median(time_calls(lambda: test.segment_image(model, image, size, device, dtype),
+                                                 args.steps, args.warmup, device))}
+    cmd = [sys.executable, "test.py", "--test_image_path", str(image_path.resolve()), "--model_path",
+           str(Path(ckpt_path).resolve()), "--output_dir", str(Path(tmp) / "pred"), "--device", args.device,
+           "--precision", args.precision]
+    env = dict(os.environ)
+    if args.threads:  # test.py has no --threads; torch reads this at start-up
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    walls = []
+    for _ in range(args.cli_runs):
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        walls.append(time.perf_counter() - t0)
+        if r.returncode != 0 or not (Path(tmp) / "pred" / f"{image_path.stem}_mask.png").is_file():
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit code {r.returncode}): {r.stderr[-2000:]}")
+    out["cli_s"] = median(walls)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def report(args, res):
+    dt, b, (h, w), (c, ph, pw) = res["dtype"], args.batch_size, args.image_size, args.peak_conv
+    fwd = res["fwd_flops"]
+    rows = [(f"conv peak fp32 ({c}->{c} 3x3, {ph}x{pw}, batch {b})", res["peak_fp32"], "GFLOP/s",
+             "one conv layer fwd+bwd, channels-last, median step"),
+            (f"conv peak {dt}", res["peak_train"], "GFLOP/s", "the same layer in the training dtype: MFU's 100%"),
+            ("parameters", res["params"] / 1e6, "M", f"widths {args.widths}, latent {args.latent_channels}"),
+            (f"forward FLOPs per image at {h}x{w}", fwd / 1e9, "GFLOP", "FlopCounterMode, training mode"),
+            ("counted fwd+bwd / forward", (fwd + res["bwd_flops"]) / fwd, "x", "MFU below assumes 3x")]
+    for key, name in (("memory", "fixed batch"), ("data", "CamVid data path")):
+        t = res[key]
+        ips = b / t["step_s"]
+        rows += [(f"train step, {name}", 1e3 * t["step_s"], "ms", f"median of {args.steps}, batch {b}, {dt}"),
+                 (f"train throughput, {name}", ips, "images/s", "batch / median step time"),
+                 (f"achieved, {name}", 3 * fwd * ips / 1e9, "GFLOP/s", "3 x forward FLOPs x images/s"),
+                 (f"MFU, {name}", 100 * 3 * fwd * ips / 1e9 / res["peak_train"], "%", f"of the {dt} conv peak"),
+                 (f"peak RSS, {name}", t["peak_rss_mib"], "MiB", "peak resident memory of the child that trained"),
+                 ("  of which before the first step", t["rss_before_mib"], "MiB", "imports, model, data")]
+        if "peak_gpu_mib" in t:
+            rows.append((f"peak GPU memory, {name}", t["peak_gpu_mib"], "MiB", "max_memory_allocated"))
+    d = res["data"]
+    rows += [("loader overhead", d["step_s"] / res["memory"]["step_s"], "x", "data-path / fixed-batch step time"),
+             ("CamVid decode to the uint8 cache", d["decode_s"], "s", "train.py start-up, once per run"),
+             ("uint8 cache size", d["cache_mib"], "MiB", "images + masks + full-size label masks")]
+    i = res["inference"]
+    rows += [(f"inference forward at {i['model_hw'][0]}x{i['model_hw'][1]}", i["forward_ms"], "ms",
+              f"median, batch 1, {res['dtype']}, no_grad"),
+             (f"segment one {i['image_hw'][0]}x{i['image_hw'][1]} image", i["segment_ms"], "ms",
+              "resize + forward + softmax + upsample (test.segment_image)"),
+             ("python test.py, launch to PNG", i["cli_s"], "s", f"median of {args.cli_runs} process wall times")]
+    print(f"\n{'measurement':<52}{'value':>10}  {'unit':<9}meaning")
+    for name, value, unit, meaning in rows:
+        print(f"{name:<52}{value:>10.{1 if abs(value) >= 10 else 3}f}  {unit:<9}{meaning}")
+
+
+def cpu_name():
+    if Path("/proc/cpuinfo").is_file():
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
+def main(args):
+    if args._worker:
+        print(json.dumps(measure_training(args, args._worker)))
+        return None
+    device, dtype = setup(args)
+    cpu = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    print(f"device {device} ({name}), torch {torch.__version__}, training dtype {dtype or 'fp32'}")
+    config = {k: v for k, v in vars(args).items() if k not in ("argv", "_worker")}
+    print("config: " + json.dumps(config))
+    dataset.find_pairs(Path(args.camvid) / "train")  # a missing data folder fails here, with the fix
+    table = dataset.make_class_table(None, Path(args.camvid) / "train")
+    res = {"device": str(device), "device_name": name, "torch": torch.__version__,
+           "dtype": str(dtype or "fp32").replace("torch.", ""),
+           "peak_fp32": conv_peak(args, device, None)}
+    res["peak_train"] = conv_peak(args, device, dtype) if dtype else res["peak_fp32"]
+    model = new_model(train_args(args), table, device)
+    res["params"] = count_parameters(model)
+    res["fwd_flops"], res["bwd_flops"] = count_flops(model, tuple(args.image_size), device)
+    del model
+    for mode in ("memory", "data"):
+        res[mode] = run_worker(args, mode)
+    with tempfile.TemporaryDirectory() as tmp:
+        res["inference"] = measure_inference(args, table, device, dtype, tmp)
+    report(args, res)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": config, **res}, indent=1))
+        print(f"wrote {args.json}")
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args(sys.argv[1:]))
+    except dataset.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
