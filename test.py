@@ -433,7 +433,16 @@ def evaluate_uncertainty(model, split, table, device, dtype, samples, temperatur
     from metrics import UncertaintyMeter, softmax_entropy, uncertainty_maps
 
     c, void = table.num_classes, table.ignore_index
-    meters = {name: UncertaintyMeter(c, void, math.log(c))
+    # The meters bin scores into 1000 bins. Mutual information spans several orders of magnitude
+    # below log C, so scores are binned on a log scale: u -> log(1 + u / 1e-6). The map is
+    # monotone, so AUROC and coverage (which depend only on the ranking) are unchanged by it
+    # except for fewer ties.
+    eps = 1e-6
+
+    def scale(u):
+        return torch.log1p(u.float() / eps)
+
+    meters = {name: UncertaintyMeter(c, void, math.log1p(math.log(c) / eps))
               for name in ("sampled_entropy", "sampled_mutual_info", "mean_softmax_entropy")}
     gen = torch.Generator(device=device).manual_seed(seed)
     chunks = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
@@ -451,9 +460,9 @@ def evaluate_uncertainty(model, split, table, device, dtype, samples, temperatur
                 return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
             probs, single = up(maps["mean"]), up(mean_latent)
-            meters["sampled_entropy"].update(probs, label, up(maps["entropy"])[:, 0])
-            meters["sampled_mutual_info"].update(probs, label, up(maps["mutual_info"])[:, 0])
-            meters["mean_softmax_entropy"].update(single, label, softmax_entropy(single))
+            meters["sampled_entropy"].update(probs, label, scale(up(maps["entropy"])[:, 0]))
+            meters["sampled_mutual_info"].update(probs, label, scale(up(maps["mutual_info"])[:, 0]))
+            meters["mean_softmax_entropy"].update(single, label, scale(softmax_entropy(single)))
     return meters
 
 
