@@ -14,6 +14,7 @@ Write the built-in demo set to disk (images/ + masks/ layout, with its class tab
 import argparse
 import csv
 import math
+import warnings
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,13 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif"}
 VOID_NAMES = {"unlabelled", "unlabeled", "void", "ignore"}
 TABLE_NAMES = ("classes.csv", "class_dict.csv")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# PIL warns (UserWarning) about damaged metadata in files it then decodes or rejects; either way
+# _open reports what matters, and the warnings would only add stray lines to stderr. A global
+# filter, because warnings.catch_warnings is not safe in load_split's decoding threads.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 class DataError(ValueError):
@@ -80,6 +86,9 @@ def read_class_table(path, ignore_index=None):
         entries.append((index, name, rgb))
     void = [e for e in entries if e[1].lower() in VOID_NAMES]
     classes = sorted(e for e in entries if e not in void)
+    if not classes:
+        raise DataError(f"class table {path} has only void rows ({', '.join(e[1] for e in void)}); "
+                        "add one row per class: index,name,r,g,b")
     if [e[0] for e in classes] != list(range(len(classes))):
         raise DataError(f"class table {path} indices {[e[0] for e in classes]} are not "
                         f"0..{len(classes) - 1}; number the classes from 0 without gaps")
@@ -102,6 +111,11 @@ def find_class_table(split_path):
 
 def make_class_table(classes_path, data_path, num_classes=None, ignore_index=None):
     """The class table from --classes, else next to the data, else generic names."""
+    if classes_path and not Path(classes_path).is_file():
+        raise DataError(f"class table {classes_path} does not exist; give --classes a CSV file with rows "
+                        "index,name,r,g,b or name,r,g,b")
+    if data_path:
+        check_exists(data_path)
     path = classes_path or (find_class_table(data_path) if data_path else None)
     if path:
         table = read_class_table(path, ignore_index)
@@ -147,17 +161,36 @@ def _is_int(s):
 # pairing
 
 
-def _image_files(folder):
-    return {p.stem: p for p in sorted(Path(folder).iterdir())
-            if p.is_file() and not p.name.startswith(".")}
+def _image_files(folder, what):
+    """{stem: path} of the image files in `folder` (hidden files skipped). Anything else is
+    refused by name: a stray notes.txt would otherwise surface as an unpaired image, and two
+    files with one stem (0001.png, 0001.jpg) would pair ambiguously."""
+    files = {}
+    for p in sorted(Path(folder).iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(f"{what} folder {folder} holds {p.name}, which is not an image (extension "
+                            f"{p.suffix or 'none'!r}; expected one of {' '.join(sorted(IMAGE_EXTENSIONS))}); "
+                            "move it out of the folder")
+        if p.stem in files:
+            raise DataError(f"{what} folder {folder} holds both {files[p.stem].name} and {p.name}; "
+                            "images and masks pair by file name without extension, so keep only one")
+        files[p.stem] = p
+    return files
+
+
+def check_exists(path):
+    """Refuse a data path that is not there, before anything is looked up next to it."""
+    if not Path(path).exists():
+        raise DataError(f"data path {path} does not exist; give a folder with images/ and masks/, "
+                        "a folder X with a sibling Xannot/, or a list file of 'image mask' lines")
 
 
 def find_pairs(path):
     """[(image_path, mask_path)] for a split in any of the three layouts, sorted by stem."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"data path {path} does not exist; give a folder with images/ and masks/, "
-                        "a folder X with a sibling Xannot/, or a list file of 'image mask' lines")
+    check_exists(path)
     if path.is_file():
         return _pairs_from_list(path)
     if (path / "images").is_dir() and (path / "masks").is_dir():
@@ -167,7 +200,7 @@ def find_pairs(path):
     else:
         raise DataError(f"data folder {path} has neither images/ + masks/ subfolders nor a sibling "
                         f"{path.name}annot/ folder; arrange it in one of those layouts")
-    images, masks = _image_files(image_dir), _image_files(mask_dir)
+    images, masks = _image_files(image_dir, "image"), _image_files(mask_dir, "mask")
     if not images and not masks:
         raise DataError(f"data folder {path} is empty: {image_dir} and {mask_dir} hold no files")
     lonely_images = sorted(set(images) - set(masks))
@@ -214,13 +247,18 @@ def _pairs_from_list(list_path):
 
 
 def _open(path, what):
+    """Decode a whole image file, upright (EXIF orientation applied), with the file closed.
+    Any exception from the decoder means the file is damaged or not an image: PIL raises a
+    dozen types on hostile bytes (OSError, SyntaxError, struct.error, IndexError, ...), so all
+    of them become one DataError."""
     try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{what} {path} is not a readable image ({type(e).__name__}: {e}); "
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except Exception as e:  # any decoder failure means a bad file, see the docstring
+        detail = str(e).splitlines()[0][:160] if str(e) else "no detail"
+        raise DataError(f"{what} {path} is not a readable image ({type(e).__name__}: {detail}); "
                         "remove it or replace it with a valid file") from None
-    return ImageOps.exif_transpose(img)
 
 
 def load_image(path):

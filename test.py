@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from dataset import DataError
@@ -61,20 +62,29 @@ def load_checkpoint(path, device="cpu"):
         raise DataError(f"checkpoint {path} does not exist; give --model_path a .pt file that "
                         "train.py wrote (e.g. runs/<time>/best.pt)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about old pickle protocols; we report below
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise DataError(f"checkpoint {path} holds arbitrary pickled Python objects, and loading "
                             "it would run code from the file; it was refused. Use a checkpoint "
                             "written by train.py") from None
-        raise DataError(f"checkpoint {path} is not a readable PyTorch checkpoint ({e}); it may be "
-                        "truncated or not a checkpoint at all") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise DataError(f"checkpoint {path} is not a readable PyTorch checkpoint ({str(e)[:120]}); "
-                        "it may be truncated or not a checkpoint at all") from None
+        raise DataError(f"checkpoint {path} is not a readable PyTorch checkpoint; it may be truncated "
+                        "or not a checkpoint at all. Give a .pt file that train.py wrote") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError,
+            IndexError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
+                        "it may be truncated or not a checkpoint at all. Give a .pt file that train.py "
+                        "wrote") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"checkpoint {path} was not written by this project's train.py (no "
                         f"'format': '{CHECKPOINT_FORMAT}' entry); give a checkpoint from train.py")
+    missing = [k for k in ("model", "model_config", "classes", "colours", "ignore_index", "image_size")
+               if k not in ckpt]
+    if missing:
+        raise DataError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged or was edited. "
+                        "Give a checkpoint that train.py wrote")
     return ckpt
 
 
@@ -87,6 +97,9 @@ def build_model(ckpt, path="checkpoint", device="cpu"):
     try:
         model = SegVAE(VAEConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
+        if len(ckpt["classes"]) != model.config.num_classes:
+            raise ValueError(f"{len(ckpt['classes'])} class names for a model of {model.config.num_classes} "
+                             "classes")
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise DataError(f"checkpoint {path} does not fit the model ({str(e).splitlines()[0][:160]}); "
                         "it was written by another version or is damaged") from None
@@ -597,7 +610,7 @@ def run_split(args, ckpt, model, device, dtype):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Segment images or evaluate a labelled split with a "
                                 "trained segmentation VAE.")
-    p.add_argument("--model_path", required=True, help="checkpoint written by train.py (best.pt, last.pt, ...)")
+    p.add_argument("--model_path", help="checkpoint written by train.py (best.pt, last.pt, ...); required")
     p.add_argument("--test_image_path", help="an image, a folder of images, or a glob pattern to segment")
     p.add_argument("--mask_path", help="ground-truth mask of --test_image_path: adds it, an error map "
                    "and this image's IoU to the figure")
@@ -614,6 +627,8 @@ def get_args(argv=None):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (default: auto = bf16 where the hardware has it)")
     args = p.parse_args(argv)
+    if not args.model_path:
+        raise DataError("give --model_path: a checkpoint written by train.py (e.g. runs/<time>/best.pt)")
     if not args.test_image_path and not args.test_path:
         raise DataError("give --test_image_path (segment images) or --test_path (evaluate a labelled split)")
     if args.samples < 1 or args.batch_size < 1:

@@ -10,6 +10,7 @@ epoch_NNN.pt, last.pt and best.pt in --output_dir, rewrites metrics.csv and redr
 
 import argparse
 import csv
+import gc
 import json
 import math
 import os
@@ -30,9 +31,21 @@ from test import (CHECKPOINT_FORMAT, autocast, build_model, evaluate, load_check
                   pick_device, pick_precision, save_checkpoint, summarize)
 
 
+def refuse(message):
+    """Exit with status 2 and one 'error: ...' line, as for every bad input (under torchrun from
+    rank 0 alone: every rank fails alike)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the whole usage block before its message
+        refuse(f"{message}; see python train.py --help")
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the segmentation VAE.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Train the segmentation VAE.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--train_path", help="training split: a folder with images/ and masks/, a folder X "
                    "with sibling Xannot/, or a list file of 'image mask' lines (default: the demo set)")
@@ -178,8 +191,11 @@ def load_data(args, is_main):
         val = dataset.demo_split(*dataset.DEMO_VAL, image_size=size)
         return train, val, table, size
     size = tuple(args.image_size or (240, 320))
+    for path in (args.train_path, args.val_path):
+        if path:
+            dataset.check_exists(path)  # before minutes of decoding the other split
     table = dataset.make_class_table(args.classes, args.train_path, args.num_classes, args.ignore_index)
-    bar = (lambda it, **kw: tqdm(it, **kw)) if is_main else None
+    bar = (lambda it, **kw: tqdm(it, disable=None, **kw)) if is_main else None  # None: terminal only
     threads = args.threads or torch.get_num_threads()
     train = dataset.load_split(args.train_path, table, size, threads, bar)
     val = dataset.load_split(args.val_path, table, size, threads, bar) if args.val_path else None
@@ -218,7 +234,7 @@ def train_one_epoch(model, train, state, args, ctx):
     part = state["partial"]
     image_pixels = ctx["size"][0] * ctx["size"][1]
     bar = tqdm(batches, initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
-               disable=not ctx["is_main"], leave=False, dynamic_ncols=True)
+               disable=None if ctx["is_main"] else True, leave=False, dynamic_ncols=True)  # None: terminal only
     bar_iter = iter(bar)
     for _ in range(state["batch_in_epoch"]):
         next(bar_iter, None)
@@ -235,34 +251,52 @@ def train_one_epoch(model, train, state, args, ctx):
         recon = segmentation_loss(logits, target, args.loss, table.ignore_index, ctx["class_weights"])
         kl = kl_loss(mu, logvar, image_pixels, args.free_bits)
         loss = recon + beta * kl if model_config(model).stochastic else recon
-        if not torch.isfinite(loss):
+        # Every rank must take the same branch: one that skipped a step or stopped alone would
+        # leave the others waiting in the gradient all-reduce.
+        finite = bool(torch.isfinite(loss))
+        bad_loss, stop = any_rank(ctx, not finite, ctx["stop"]["signal"] is not None)
+        optimizer.zero_grad(set_to_none=True)
+        bad = None
+        if bad_loss:
+            bad = f"loss {float(loss.detach()):g}" if not finite else "a non-finite loss on another rank"
+        if not bad:
+            scaler.scale(loss).backward()
+            if args.grad_clip or not scaler.is_enabled():
+                scaler.unscale_(optimizer)
+                # max_norm inf only measures: a non-finite norm would turn every weight into NaN.
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+                # fp16's scaler skips such steps itself; elsewhere they count as bad steps.
+                if not scaler.is_enabled() and not torch.isfinite(norm):
+                    bad = f"gradient norm {float(norm):g}"
+        if bad:
             state["nonfinite"] += 1
             if state["nonfinite"] > args.skip_nonfinite:
-                raise NonFiniteLoss(f"epoch {state['epoch'] + 1} step {state['step']}")
+                raise NonFiniteLoss(f"{bad} at epoch {state['epoch'] + 1} step {state['step'] + 1}")
             optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["batch_in_epoch"] += 1
-            scheduler.step()
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+            part["loss"] += loss.detach().double() * len(idx)
+            part["kl"] += kl.detach().double() * len(idx)
+            part["images"] += len(idx)
         scheduler.step()
-        part["loss"] += loss.detach().double() * len(idx)
-        part["kl"] += kl.detach().double() * len(idx)
-        part["images"] += len(idx)
         state["step"] += 1
         state["batch_in_epoch"] += 1
-        if state["step"] % 10 == 0 and ctx["is_main"]:
+        if state["step"] % 10 == 0 and ctx["is_main"] and part["images"] > 0:
             bar.set_postfix(loss=f"{float(part['loss'] / part['images']):.4f}",
                             kl=f"{float(part['kl'] / part['images']):.4f}")
-        if ctx["stop"]["signal"]:
-            raise StopRequested(ctx["stop"]["signal"])
+        if stop:
+            raise StopRequested(ctx["stop"]["signal"] or "another rank's signal")
     bar.close()
+
+
+def any_rank(ctx, *flags):
+    """Each flag ORed over all ranks (unchanged in a single process)."""
+    if ctx["world"] == 1:
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32, device=ctx["device"])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
 
 
 def model_config(model):
@@ -300,6 +334,7 @@ def checkpoint_dict(raw_model, state, args, ctx, full):
             "batch_in_epoch": state["batch_in_epoch"],
             "partial": {k: float(v) for k, v in state["partial"].items()},
             "nonfinite": state["nonfinite"],
+            "world_size": ctx["world"],
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         })
@@ -320,6 +355,14 @@ def write_metrics_csv(path, history, class_names):
         for row in history:
             w.writerow([_fmt(row.get(k)) for k in keys] + [_fmt(v) for v in row.get("val_iou", [])])
     os.replace(tmp, path)
+
+
+def metrics_csv_rows(path):
+    """Rows in a metrics.csv (0 if there is none)."""
+    if not path.exists():
+        return 0
+    with open(path, newline="") as f:
+        return max(0, sum(1 for _ in csv.reader(f)) - 1)
 
 
 def _fmt(v):
@@ -348,7 +391,8 @@ def plot_history(path, history):
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:  # without --val_path the mIoU panel is empty; legend() would warn on stderr
+            ax.legend()
     fig.tight_layout()
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp, dpi=90)
@@ -357,27 +401,56 @@ def plot_history(path, history):
 
 
 def resolve_output(args):
+    """The output folder and the checkpoint to resume from (None: a new run)."""
     out = Path(args.output_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     resume = args.resume
     if resume == "auto":
         resume = out / "last.pt" if (out / "last.pt").exists() else None
+    elif resume is not None and not Path(resume).is_file():
+        raise DataError(f"--resume {resume} does not exist; give the last.pt of an earlier run, or "
+                        "--resume auto to continue the run in --output_dir if there is one")
     elif resume is None and (out / "last.pt").exists():
         raise DataError(f"output folder {out} already holds a run (last.pt); continue it with "
                         "--resume auto, or choose another --output_dir")
     return out, resume
 
 
+def remove_stale_temporaries(out):
+    """Delete the temporary files of saves that a killed run left half-written (the finished
+    files they were meant to replace are intact: every save is write-then-rename)."""
+    for p in out.iterdir():
+        if p.is_file() and p.name.endswith((".tmp", ".tmp.png")):
+            p.unlink()
+
+
 def main(args):
     rank, world, device = setup_distributed(args.device)
-    is_main = rank == 0
+    stop = {"signal": None}  # set by SIGINT/SIGTERM; training stops after the current step
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+        for s, h in old_handlers.items():  # a second signal ends the process at once
+            signal.signal(s, h)
+
+    # Installed before any work, on every rank: a signal that comes once rank 0 has printed its
+    # set-up finds every rank ready for it (torchrun passes signals on to all of them).
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _main(args, rank, world, device, is_main)
+        state = _main(args, rank, world, device, rank == 0, stop)
     finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
         if world > 1 and dist.is_initialized():
+            # Free the DDP wrapper (its reducer holds gloo work) while the group is alive: one
+            # left to interpreter exit makes gloo abort now and then, failing a finished run.
+            gc.collect()
             dist.destroy_process_group()
+    if state["stopped_by"]:
+        sys.exit(130 if state["stopped_by"] == "SIGINT" else 143)
+    return state
 
 
-def _main(args, rank, world, device, is_main):
+def _main(args, rank, world, device, is_main, stop):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = pick_precision(args.precision, device)
@@ -386,6 +459,7 @@ def _main(args, rank, world, device, is_main):
     out, resume = resolve_output(args)
     if is_main:
         make_output_dir(out)
+        remove_stale_temporaries(out)
     if args.train_path and args.val_path is None and is_main:
         print("note: no --val_path; best.pt then follows the training loss")
     train, val, table, size = load_data(args, is_main)
@@ -409,54 +483,69 @@ def _main(args, rank, world, device, is_main):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "best_miou": -1.0, "history": [], "nonfinite": 0,
-             "partial": new_partial(device)}
+             "partial": new_partial(device), "stopped_by": None}
     if resume:
-        restore(resume, raw_model, optimizer, scheduler, scaler, state, device, config)
+        restore(resume, raw_model, optimizer, scheduler, scaler, state, device, config, args, world)
         if is_main:
-            print(f"resumed from {resume}: {state['epoch']} epochs done, step {state['step']}")
+            print(f"resumed from {resume}: {state['epoch']} epochs done, step {state['step']}"
+                  + (f", {state['batch_in_epoch']} batches into epoch {state['epoch'] + 1}"
+                     if state["batch_in_epoch"] else ""))
+            if metrics_csv_rows(out / "metrics.csv") != len(state["history"]):
+                # a kill between writing last.pt and metrics.csv left the table a row short
+                write_metrics_csv(out / "metrics.csv", state["history"], table.names)
+                plot_history(out / "loss_plot.png", state["history"])
+    elif args.resume == "auto" and is_main:
+        print(f"--resume auto: no last.pt in {out}, starting a new run")
     ctx = {"device": device, "dtype": dtype, "table": table, "optimizer": optimizer, "scheduler": scheduler,
            "scaler": scaler, "rank": rank, "world": world, "is_main": is_main, "size": size,
-           "total_steps": total_steps, "class_weights": class_weights, "stop": {"signal": None}}
+           "total_steps": total_steps, "class_weights": class_weights, "stop": stop}
     if is_main:
         print(f"model: {count_parameters(raw_model) / 1e6:.2f}M parameters, {config}")
         print(f"data: {len(train)} train / {len(val) if val else 0} val images at {size[0]}x{size[1]}, "
               f"{table.num_classes} classes, void = {table.ignore_index}")
         print(f"device {device}, precision {dtype or 'fp32'}, {world} process(es), "
               f"{torch.get_num_threads()} threads, output {out}")
-        print("config: " + json.dumps(run_config(args)))
-        (out / "config.json").write_text(json.dumps(run_config(args), indent=1))
-
-    def on_signal(signum, frame):
-        ctx["stop"]["signal"] = signal.Signals(signum).name
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        print("config: " + json.dumps(run_config(args)), flush=True)
+        tmp = out / "config.json.tmp"
+        tmp.write_text(json.dumps(run_config(args), indent=1))
+        os.replace(tmp, out / "config.json")
     try:
-        train_loop(model, raw_model, train, val, state, args, ctx, out, steps_per_epoch)
+        train_loop(model, raw_model, train, val, state, args, ctx, out)
     except StopRequested as e:
         if is_main:
             save_checkpoint(checkpoint_dict(raw_model, state, args, ctx, full=True), out / "last.pt")
-            print(f"stopped by {e} in epoch {state['epoch'] + 1} after step {state['step']}; saved "
-                  f"{out / 'last.pt'}; continue with --output_dir {out} --resume auto")
-        sys.exit(130 if str(e) == "SIGINT" else 143)
+            where = (f"{state['batch_in_epoch']} of {steps_per_epoch} steps into epoch {state['epoch'] + 1}"
+                     if state["batch_in_epoch"] else f"after epoch {state['epoch']}")
+            print(f"stopped by {e} {where} (step {state['step']}); saved {out / 'last.pt'}; continue "
+                  f"with --output_dir {out} --resume auto", file=sys.stderr)
+        state["stopped_by"] = str(e)  # main() exits with 130 / 143 once the process group is gone
     except NonFiniteLoss as e:
-        raise DataError(f"the loss became non-finite at {e}; the last good checkpoint {out / 'last.pt'} "
-                        "is kept. Lower --lr, use --precision fp32, or allow a few bad steps with "
-                        "--skip_nonfinite N") from None
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        last = out / "last.pt"
+        kept = (f"the last good checkpoint {last} (end of epoch {state['epoch']}) is kept"
+                if is_main and state["epoch"] > 0 and last.exists() else "no checkpoint was written before it")
+        raise DataError(f"stopped: {e}; {kept}. Lower --lr, use --precision fp32, or allow a few bad "
+                        "steps with --skip_nonfinite N") from None
+    if world > 1:  # proof of work from every rank; everything else is logged by rank 0 alone
+        print(f"rank {rank} of {world}: trained to step {state['step']} on "
+              f"{len(batch_order(len(train), 0, args.seed, rank, world))} of {len(train)} images per epoch")
+        dist.barrier()  # wait for rank 0's last saves: no rank tears the group down under another
     return state
 
 
-def train_loop(model, raw_model, train, val, state, args, ctx, out, steps_per_epoch):
+def train_loop(model, raw_model, train, val, state, args, ctx, out):
     is_main, device = ctx["is_main"], ctx["device"]
     while state["epoch"] < args.epochs:
         t0 = time.time()
         train_one_epoch(model, train, state, args, ctx)
         part = all_reduce_sums(dict(state["partial"]), ctx["world"])
-        n = float(part["images"].clamp_min(1))
+        n = float(part["images"]) or math.nan  # nan, not 0, when --skip_nonfinite skipped every step
         row = {"epoch": state["epoch"] + 1, "step": state["step"], "train_loss": float(part["loss"]) / n,
                "train_kl": float(part["kl"]) / n, "lr": ctx["scheduler"].get_last_lr()[0]}
+        if ctx["world"] > 1:
+            # BN running statistics drift apart per rank; evaluate every shard with rank 0's,
+            # which are the ones the checkpoint holds.
+            for b in raw_model.buffers():
+                dist.broadcast(b, 0)
         if val is not None:
             shard = range(ctx["rank"], len(val), ctx["world"])
             sums = evaluate(raw_model, val, num_classes=ctx["table"].num_classes,
@@ -479,6 +568,8 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out, steps_per_ep
         if is_main:
             save_epoch(raw_model, state, args, ctx, out, improved)
             print(epoch_line(row, args.epochs))
+        if any_rank(ctx, ctx["stop"]["signal"] is not None)[0] and state["epoch"] < args.epochs:
+            raise StopRequested(ctx["stop"]["signal"] or "another rank's signal")  # came during validation
 
 
 def save_epoch(raw_model, state, args, ctx, out, improved):
@@ -499,7 +590,7 @@ def epoch_line(row, epochs):
     return s + f"  ({row['seconds']:.0f}s)"
 
 
-def restore(path, raw_model, optimizer, scheduler, scaler, state, device, config):
+def restore(path, raw_model, optimizer, scheduler, scaler, state, device, config, args, world):
     ckpt = load_checkpoint(path, device)
     if "optimizer" not in ckpt:
         raise DataError(f"checkpoint {path} holds weights only (epoch_NNN.pt / best.pt); resume from "
@@ -507,6 +598,12 @@ def restore(path, raw_model, optimizer, scheduler, scaler, state, device, config
     if ckpt["model_config"] != config.to_dict():
         raise DataError(f"checkpoint {path} was trained with model {ckpt['model_config']}, but these "
                         f"arguments build {config.to_dict()}; use the same model and data flags to resume")
+    if ckpt["batch_in_epoch"]:  # stopped mid-epoch: the rest of the epoch is replayed batch by batch
+        then = (ckpt["run_config"]["batch_size"], ckpt.get("world_size", 1), ckpt["run_config"]["seed"])
+        if then != (args.batch_size, world, args.seed):
+            raise DataError(f"checkpoint {path} stopped mid-epoch with --batch_size {then[0]}, {then[1]} "
+                            f"process(es) and --seed {then[2]}; resume with the same three (now {args.batch_size}, "
+                            f"{world}, {args.seed}) so the epoch's remaining batches are the same")
     build_model(ckpt, path)  # checks the weights fit before anything is overwritten
     raw_model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -524,5 +621,8 @@ if __name__ == "__main__":
     try:
         main(get_args())
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
+        print("interrupted; checkpoints already written are intact (continue with --resume auto)",
+              file=sys.stderr)
+        sys.exit(130)

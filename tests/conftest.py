@@ -71,3 +71,31 @@ def trained_tiny(tmp_path_factory):
             "--output_dir", out, *TINY_MODEL)
     assert r.returncode == 0, r.stderr
     return data, out
+
+
+def assert_refused(r, *names):
+    """The promised refusal of bad input: exit status 2 and exactly one line on stderr,
+    'error: ...', that names each of `names` (paths, values). No traceback, no warnings."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, f"exit status {r.returncode}, stderr:\n{r.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"not one 'error:' line:\n{r.stderr}"
+    for name in names:
+        assert str(name) in lines[0], f"{name!r} not named in: {lines[0]}"
+
+
+def run_many(commands, parallel=4, timeout=300):
+    """run() each (script, *args) command, `parallel` at a time: a launch spends most of its
+    time importing torch, so a few at once finish sooner even on two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(lambda c: run(*c, timeout=timeout), commands))
+
+
+def free_port():
+    """A TCP port nobody listens on now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
