@@ -372,31 +372,35 @@ def normalize(images):
 # augmentation
 
 
-def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True, jitter=0.2):
+def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True, jitter=0.2, out_size=None):
     """Random zoom, shift and horizontal flip applied jointly to a batch of images (bilinear)
     and masks (nearest: labels are never interpolated), plus brightness/contrast/saturation
     jitter on the images. One batched grid_sample instead of a Python loop per sample.
 
     images: (B, 3, H, W) float (normalized); masks: (B, H, W) integer. Pixels pulled in from
-    outside the image become void. `generator` makes the draw reproducible.
+    outside the image become void. `out_size` (h, w) returns random crops of that size (at zoom
+    1 a crop keeps the input's pixel scale); default: the input size. `generator` makes the
+    draw reproducible.
     """
     b = images.shape[0]
     dev = images.device
+    big_h, big_w = images.shape[-2:]
+    h, w = out_size or (big_h, big_w)
 
     def u(lo, hi, n=b):
         return torch.rand(n, generator=generator).mul_(hi - lo).add_(lo)
 
     # Zoom s > 1 magnifies: the sampling grid covers 1/s of the image, shifted within bounds.
     s = torch.exp(u(math.log(scale[0]), math.log(scale[1])))
-    inv = 1.0 / s
-    tx = u(-1, 1) * (1 - inv).abs()
-    ty = u(-1, 1) * (1 - inv).abs()
+    fx, fy = w / big_w / s, h / big_h / s  # share of the input's width and height the output covers
+    tx = u(-1, 1) * (1 - fx).abs()
+    ty = u(-1, 1) * (1 - fy).abs()
     sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(b)
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = inv * sign, tx
-    theta[:, 1, 1], theta[:, 1, 2] = inv, ty
+    theta[:, 0, 0], theta[:, 0, 2] = fx * sign, tx
+    theta[:, 1, 1], theta[:, 1, 2] = fy, ty
     theta = theta.to(dev)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
+    grid = F.affine_grid(theta, [b, images.shape[1], h, w], align_corners=False)  # (B, h, w, 2)
     out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="reflection",
                         align_corners=False)
     # Labels shifted by one so that 0 marks "outside the image" after zero padding.

@@ -607,8 +607,18 @@ def run_split(args, ckpt, model, device, dtype):
     return metrics
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that fails like every other bad input: one 'error: ...' line and exit 2, not the
+    whole usage block (under torchrun from rank 0 alone)."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message}; see python {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Segment images or evaluate a labelled split with a "
+    p = Parser(description="Segment images or evaluate a labelled split with a "
                                 "trained segmentation VAE.")
     p.add_argument("--model_path", help="checkpoint written by train.py (best.pt, last.pt, ...); required")
     p.add_argument("--test_image_path", help="an image, a folder of images, or a glob pattern to segment")

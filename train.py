@@ -27,7 +27,7 @@ from tqdm import tqdm
 import dataset
 from dataset import DataError
 from model import SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
-from test import (CHECKPOINT_FORMAT, autocast, build_model, evaluate, load_checkpoint, make_output_dir,
+from test import (CHECKPOINT_FORMAT, Parser, autocast, build_model, evaluate, load_checkpoint, make_output_dir,
                   pick_device, pick_precision, save_checkpoint, summarize)
 
 
@@ -37,11 +37,6 @@ def refuse(message):
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the whole usage block before its message
-        refuse(f"{message}; see python train.py --help")
 
 
 def get_args(argv=None):
@@ -57,9 +52,15 @@ def get_args(argv=None):
     d.add_argument("--ignore_index", type=int, help="void label excluded from loss and metrics "
                    "(default: the table's Unlabelled/void row, else 255)")
     d.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"),
-                   help="training size (default: 64 64 for the demo set, 240 320 otherwise)")
+                   help="size images are decoded to, and validated at (default: 64 64 for the demo set, "
+                   "240 320 otherwise)")
+    d.add_argument("--crop_size", type=int, nargs=2, metavar=("H", "W"),
+                   help="train on random crops of this size (cheaper steps at full detail; default: "
+                   "whole images at --image_size)")
     d.add_argument("--augment", type=int, default=1, choices=[0, 1],
                    help="random zoom/shift/flip and colour jitter on training batches")
+    d.add_argument("--scale", type=float, nargs=2, default=[0.75, 1.5], metavar=("MIN", "MAX"),
+                   help="range of the random zoom (log-uniform; >1 magnifies)")
     m = p.add_argument_group("model")
     m.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256],
                    help="channels of each downsampling block (depth = how many)")
@@ -110,10 +111,13 @@ def check_args(args):
             raise DataError(f"--{name} {getattr(args, name)} must not be negative")
     if not 0 <= args.warmup < 1 or not 0 <= args.kl_warmup <= 1:
         raise DataError("--warmup must be in [0, 1) and --kl_warmup in [0, 1]")
+    if not 0 < args.scale[0] <= args.scale[1]:
+        raise DataError(f"--scale {args.scale[0]} {args.scale[1]} must be two positive numbers, MIN <= MAX")
     if any(w < 1 for w in args.widths):
         raise DataError(f"--widths {args.widths} must all be at least 1")
-    if args.image_size and min(args.image_size) < 1:
-        raise DataError(f"--image_size {args.image_size} must be positive")
+    for name in ("image_size", "crop_size"):
+        if getattr(args, name) and min(getattr(args, name)) < 1:
+            raise DataError(f"--{name} {getattr(args, name)} must be positive")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +185,11 @@ def all_reduce_sums(sums, world):
 
 def load_data(args, is_main):
     """Training and validation splits, the class table and the training size."""
+    size = tuple(args.image_size or (dataset.DEMO_SIZE if args.train_path is None else (240, 320)))
+    if args.crop_size and (args.crop_size[0] > size[0] or args.crop_size[1] > size[1]):
+        raise DataError(f"--crop_size {args.crop_size[0]} {args.crop_size[1]} is larger than the image size "
+                        f"{size[0]} {size[1]}; pass a smaller crop or a larger --image_size")
     if args.train_path is None:
-        size = tuple(args.image_size or dataset.DEMO_SIZE)
         if is_main:
             print("=" * 72 + "\nNo --train_path given: training on the built-in SYNTHETIC DEMO set "
                   f"({dataset.DEMO_TRAIN[0]} train / {dataset.DEMO_VAL[0]} val images).\n" + "=" * 72)
@@ -190,7 +197,6 @@ def load_data(args, is_main):
         train = dataset.demo_split(*dataset.DEMO_TRAIN, image_size=size)
         val = dataset.demo_split(*dataset.DEMO_VAL, image_size=size)
         return train, val, table, size
-    size = tuple(args.image_size or (240, 320))
     for path in (args.train_path, args.val_path):
         if path:
             dataset.check_exists(path)  # before minutes of decoding the other split
@@ -232,7 +238,9 @@ def train_one_epoch(model, train, state, args, ctx):
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     model.train()
     part = state["partial"]
-    image_pixels = ctx["size"][0] * ctx["size"][1]
+    crop = tuple(args.crop_size) if args.crop_size else None
+    image_pixels = math.prod(crop or ctx["size"])
+    fixed = dict(scale=tuple(args.scale)) if args.augment else dict(scale=(1, 1), flip=False, jitter=0)
     bar = tqdm(batches, initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
                disable=None if ctx["is_main"] else True, leave=False, dynamic_ncols=True)  # None: terminal only
     bar_iter = iter(bar)
@@ -241,9 +249,9 @@ def train_one_epoch(model, train, state, args, ctx):
     for idx in bar_iter:
         images = dataset.normalize(train.images[idx].to(device, non_blocking=True))
         target = train.masks[idx].to(device, non_blocking=True).long()
-        if args.augment:
+        if args.augment or crop:
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
-            images, target = dataset.augment(images, target, gen, table.ignore_index)
+            images, target = dataset.augment(images, target, gen, table.ignore_index, out_size=crop, **fixed)
         images = images.contiguous(memory_format=torch.channels_last)
         beta = kl_weight_at(state["step"], ctx["total_steps"], args.kl_weight, args.kl_warmup)
         with autocast(device, dtype):

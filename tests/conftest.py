@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny paired data set written to disk, and a CLI runner."""
+"""Shared fixtures and helpers: tiny paired data on disk, CLI runners, the one-line-refusal check."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,19 @@ def run_many(commands, parallel=4, timeout=300):
 
     with ThreadPoolExecutor(parallel) as pool:
         return list(pool.map(lambda c: run(*c, timeout=timeout), commands))
+
+
+def metrics_rows(out):
+    """The rows of a run's metrics.csv as dicts ([] when there is none yet)."""
+    path = out / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def epochs_of(rows):
+    return [int(r["epoch"]) for r in rows]
 
 
 def free_port():

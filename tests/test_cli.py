@@ -96,6 +96,17 @@ def test_demo_set_is_default_and_announced(tmp_path, monkeypatch):
     assert (tmp_path / "demo" / "best.pt").is_file()
 
 
+@pytest.mark.parametrize("augment", [0, 1])
+def test_train_on_crops_validates_whole_images(tiny_data, tmp_path, augment):
+    out = tmp_path / "crops"
+    r = run("train.py", "--train_path", tiny_data / "train", "--val_path", tiny_data / "val", "--epochs", 1,
+            *TINY_MODEL, "--crop_size", 16, 24, "--augment", augment, "--output_dir", out)
+    assert r.returncode == 0, r.stderr
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["image_size"] == [32, 48] and ckpt["run_config"]["crop_size"] == [16, 24]
+    assert 0 <= ckpt["best_miou"] <= 1
+
+
 def test_schedules_and_class_weights():
     assert train.lr_at(0, 100, 10) == pytest.approx(0.1)
     assert train.lr_at(10, 100, 10) == pytest.approx(1.0)

@@ -103,6 +103,36 @@ def test_augment_flip_only_mirrors_both():
     assert torch.allclose(out[:, 0], out_masks.float(), atol=1e-4)
 
 
+def test_crop_at_zoom_one_is_a_window_of_image_and_mask():
+    g = torch.Generator().manual_seed(1)
+    masks = torch.randint(0, 5, (4, 30, 40))
+    rows, cols = torch.meshgrid(torch.arange(30.0), torch.arange(40.0), indexing="ij")
+    images = torch.stack([cols, rows, torch.zeros(30, 40)])[None].repeat(4, 1, 1, 1)  # pixel coordinates
+    out, out_masks = dataset.augment(images, masks, g, 255, scale=(1.0, 1.0), flip=False, jitter=0,
+                                     out_size=(12, 20))
+    assert out.shape == (4, 3, 12, 20) and out_masks.shape == (4, 12, 20)
+    for i in range(4):
+        windows = [(y, x) for y in range(30 - 12 + 1) for x in range(40 - 20 + 1)
+                   if torch.equal(masks[i, y:y + 12, x:x + 20], out_masks[i])]
+        assert len(windows) == 1  # labels copied, never interpolated
+        y, x = windows[0]
+        # the image is sampled at the same points, at most half a pixel from the mask's pixels
+        assert (out[i, 0] - cols[y:y + 12, x:x + 20]).abs().max() <= 0.5 + 1e-4
+        assert (out[i, 1] - rows[y:y + 12, x:x + 20]).abs().max() <= 0.5 + 1e-4
+    assert (out_masks != 255).all()  # a crop inside the image pulls in no void
+
+
+def test_zoomed_out_crop_keeps_image_and_mask_aligned():
+    g = torch.Generator().manual_seed(2)
+    masks = torch.randint(0, 4, (6, 4, 6)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # (6, 32, 48)
+    images = (masks.float() * 10)[:, None].repeat(1, 3, 1, 1)
+    out, out_masks = dataset.augment(images, masks, g, 255, scale=(0.5, 2.0), jitter=0, out_size=(16, 24))
+    valid = out_masks != 255
+    assert out_masks.shape == (6, 16, 24) and valid.any()
+    agree = (out[:, 0] / 10).round().long() == out_masks
+    assert agree[valid].float().mean() > 0.9
+
+
 def test_demo_set_is_deterministic_with_void():
     a_img, a_mask = dataset.make_demo(4, seed=0)
     b_img, b_mask = dataset.make_demo(4, seed=0)

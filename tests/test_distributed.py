@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CLASSES_CSV, REPO, TINY_MODEL, free_port, run, write_split
+from conftest import CLASSES_CSV, REPO, TINY_MODEL, epochs_of, free_port, metrics_rows, run, write_split
 
 from test import load_checkpoint
-from test_resume import epochs_of, metrics_rows
 
 
 def torchrun(*args):
@@ -70,7 +69,8 @@ def test_two_ranks_train_and_log_the_checkpoints_miou(uneven_data, tmp_path):
 
 def test_sigterm_stops_both_ranks_and_resume_finishes(uneven_data, tmp_path):
     out = tmp_path / "run"
-    cmd = torchrun(*train_args(uneven_data, out, "--epochs", 2, "--batch_size", 1))  # 4 steps an epoch
+    # batch 1 at 64x96: 4 steps an epoch per rank, time enough for the signal to land within epoch 1
+    cmd = torchrun(*train_args(uneven_data, out, "--epochs", 2, "--batch_size", 1, "--image_size", 64, 96))
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:  # rank 0's last line before training; both ranks handle signals by then
         if line.startswith("config:"):
