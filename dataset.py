@@ -362,10 +362,10 @@ def load_split(path, table, image_size, num_threads=2, progress=None):
 
 def normalize(images):
     """uint8 (B, 3, H, W) -> float, ImageNet mean/std (any fixed affine map works; this one is
-    what users of pretrained encoders expect)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std
+    what users of pretrained encoders expect). One fused multiply-add, no uint8 -> float copy."""
+    scale = 1 / (torch.tensor(IMAGENET_STD, device=images.device) * 255)
+    shift = -torch.tensor(IMAGENET_MEAN, device=images.device) / torch.tensor(IMAGENET_STD, device=images.device)
+    return torch.addcmul(shift.view(1, 3, 1, 1), images, scale.view(1, 3, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,13 +408,15 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
                       align_corners=False)[:, 0].long()  # (B, H, W)
     out_masks = torch.where(m == 0, torch.full_like(m, ignore_index), m - 1)
     if jitter:
+        # saturation s, then contrast c about the image mean, then brightness, folded into one
+        # multiply-add: c*s*x + c*(1-s)*gray + (1-c)*mean + 4*bright (mixing with the grey image
+        # keeps the mean, so the contrast pivot is the mean of the input).
         bright = u(-jitter, jitter).view(b, 1, 1, 1).to(dev)
         contrast = u(1 - jitter, 1 + jitter).view(b, 1, 1, 1).to(dev)
         sat = u(1 - jitter, 1 + jitter).view(b, 1, 1, 1).to(dev)
         gray = out.mean(1, keepdim=True)
-        out = gray + (out - gray) * sat
-        mean = out.mean((1, 2, 3), keepdim=True)
-        out = (out - mean) * contrast + mean + bright * 4  # ~jitter*255/std in normalized units
+        offset = (1 - contrast) * gray.mean((2, 3), keepdim=True) + bright * 4  # ~jitter*255/std, normalized
+        out = torch.addcmul(torch.addcmul(offset, contrast * (1 - sat), gray), contrast * sat, out)
     return out, out_masks
 
 

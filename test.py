@@ -562,6 +562,43 @@ def save_confusion(path, cm, names):
     plt.close(fig)
 
 
+def save_examples(path, model, split, table, ckpt, device, dtype, n, flip=False):
+    """A grid of `n` images spread evenly over the split, one row each: input | prediction |
+    ground truth, at the label's resolution, with each image's own mIoU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+    from matplotlib.patches import Patch
+
+    from dataset import palette
+    from metrics import confusion_matrix, scores
+
+    pal = palette(table)
+    picks = sorted({round(i * (len(split) - 1) / max(n - 1, 1)) for i in range(n)})
+    temperature = float(ckpt.get("temperature", 1.0))
+    fig, axes = plt.subplots(len(picks), 3, figsize=(12, 3.2 * len(picks) + 0.6), squeeze=False)
+    for row, i in zip(axes, picks):
+        truth = split.label_masks[i]
+        probs = forward_probs(model, split.images[i:i + 1], device, dtype, temperature=temperature, flip=flip)[0]
+        pred = F.interpolate(probs.cpu(), size=truth.shape, mode="bilinear", align_corners=False).argmax(1)[0]
+        image = F.interpolate(split.images[i:i + 1].float(), size=truth.shape, mode="bilinear",
+                              align_corners=False)[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        s = scores(confusion_matrix(pred, truth, table.num_classes, table.ignore_index))
+        panels = [(split.names[i], image), (f"prediction (mIoU {s['miou'] * 100:.1f})", colourize(pred.numpy(), pal)),
+                  ("ground truth (void black)", colourize(truth.numpy(), pal, table.ignore_index))]
+        for ax, (title, a) in zip(row, panels):
+            ax.imshow(a)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    handles = [Patch(color=pal[i] / 255, label=name) for i, name in enumerate(table.names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (3.2 * len(picks) + 0.6), 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def run_split(args, ckpt, model, device, dtype):
     """Evaluate a labelled split: mIoU, per-class IoU, pixel and class accuracy (void ignored,
     at each label's resolution), calibration and error detection; metrics.json and plots."""
@@ -602,8 +639,12 @@ def run_split(args, ckpt, model, device, dtype):
                     "temperature": temperature, "flip": args.flip})
     save_confusion(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], table.names)
     save_reliability(out_dir / "reliability.png", meters)
+    written = [out_dir / "metrics.json", out_dir / "confusion_matrix.png", out_dir / "reliability.png"]
+    if args.examples:
+        save_examples(out_dir / "examples.png", model, split, table, ckpt, device, dtype, args.examples, args.flip)
+        written.append(out_dir / "examples.png")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'confusion_matrix.png'}, {out_dir / 'reliability.png'}")
+    print("wrote " + ", ".join(map(str, written)))
     return metrics
 
 
@@ -631,6 +672,8 @@ def get_args(argv=None):
     p.add_argument("--samples", type=int, default=1, help="latent samples per image; 1 decodes the mean "
                    "latent, more adds uncertainty maps (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for latent sampling (default: 0)")
+    p.add_argument("--examples", type=int, default=4, help="with --test_path: images in examples.png, a grid "
+                   "of input | prediction | ground truth (0: none; default: 4)")
     p.add_argument("--calibrate", action="store_true", help="fit a temperature on --test_path (use the val "
                    "split) and store it in the checkpoint; later runs use it")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -641,6 +684,8 @@ def get_args(argv=None):
         raise DataError("give --model_path: a checkpoint written by train.py (e.g. runs/<time>/best.pt)")
     if not args.test_image_path and not args.test_path:
         raise DataError("give --test_image_path (segment images) or --test_path (evaluate a labelled split)")
+    if args.examples < 0:
+        raise DataError(f"--examples {args.examples} must be 0 or more")
     if args.samples < 1 or args.batch_size < 1:
         raise DataError(f"--samples {args.samples} and --batch_size {args.batch_size} must be at least 1")
     if args.calibrate and not args.test_path:

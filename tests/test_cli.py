@@ -84,8 +84,12 @@ def test_evaluate_split_and_calibrate(trained_tiny, tmp_path):
     assert set(m["uncertainty"]) == {"sampled_entropy", "sampled_mutual_info", "mean_softmax_entropy"}
     stored = load_checkpoint(ckpt_path)
     assert stored["temperature"] == pytest.approx(m["temperature"]) and stored["temperature"] != 1.0
-    for name in ("confusion_matrix.png", "reliability.png"):
+    for name in ("confusion_matrix.png", "reliability.png", "examples.png"):
         assert (tmp_path / name).is_file()
+    from PIL import Image
+
+    w, h = Image.open(tmp_path / "examples.png").size
+    assert h > w * 0.8  # four rows of input | prediction | truth (the default --examples 4)
 
 
 def test_demo_set_is_default_and_announced(tmp_path, monkeypatch):

@@ -133,6 +133,30 @@ def test_zoomed_out_crop_keeps_image_and_mask_aligned():
     assert agree[valid].float().mean() > 0.9
 
 
+def test_colour_jitter_is_saturation_then_contrast_then_brightness():
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(3, 3, 8, 10)
+    masks = torch.zeros(3, 8, 10, dtype=torch.long)
+    out, _ = dataset.augment(images, masks, g, 255, scale=(1.0, 1.0), flip=False, jitter=0.3)
+    # the same draws, step by step: zoom, shift x, shift y (identity here), then the jitter
+    g = torch.Generator().manual_seed(5)
+    torch.rand(3 * 3, generator=g)
+    bright, contrast, sat = (torch.rand(3, generator=g).mul_(2 * 0.3).add_(lo).view(3, 1, 1, 1)
+                             for lo in (-0.3, 0.7, 0.7))
+    gray = images.mean(1, keepdim=True)
+    x = gray + (images - gray) * sat
+    mean = x.mean((1, 2, 3), keepdim=True)
+    assert torch.allclose(out, (x - mean) * contrast + mean + bright * 4, atol=1e-5)
+
+
+def test_normalize_is_imagenet_mean_and_std():
+    images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    mean = torch.tensor(dataset.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(dataset.IMAGENET_STD).view(1, 3, 1, 1) * 255
+    out = dataset.normalize(images)
+    assert out.dtype == torch.float32 and torch.allclose(out, (images.float() - mean) / std, atol=1e-5)
+
+
 def test_demo_set_is_deterministic_with_void():
     a_img, a_mask = dataset.make_demo(4, seed=0)
     b_img, b_mask = dataset.make_demo(4, seed=0)
