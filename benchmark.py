@@ -1,6 +1,6 @@
 """Throughput, FLOP utilisation, memory and inference latency of the CamVid recipe on this machine.
 
-    python benchmark.py                                   # the recipe: default model, 240x320, batch 8
+    python benchmark.py                                   # the recipe: default model, 288x384, batch 8
     python benchmark.py --steps 3 --warmup 1 --train_images 32 --cli_runs 1   # a quick check
     python benchmark.py --model_path runs/x/best.pt --json benchmark.json --profile 15
 
@@ -41,8 +41,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark training and inference of the segmentation VAE.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--camvid", default="../shared/data/camvid", help="data folder with train/ and val/ splits")
-    p.add_argument("--image_size", type=int, nargs=2, default=[240, 320], metavar=("H", "W"),
-                   help="training size (train.py's default for real data)")
+    p.add_argument("--image_size", type=int, nargs=2, default=[288, 384], metavar=("H", "W"),
+                   help="training size (the CamVid recipe's)")
     p.add_argument("--batch_size", type=int, default=base.batch_size, help="images per training step")
     p.add_argument("--widths", type=int, nargs="+", default=base.widths, help="channels of each down block")
     p.add_argument("--latent_channels", type=int, default=base.latent_channels, help="channels of the latent")
