@@ -422,6 +422,13 @@ def crop_larger_than_images(root, run_dir):
 
 
 @case
+def fp16_on_cpu(root, run_dir):
+    if torch.cuda.is_available():
+        return None
+    return train_cmd(root, split(root), "--precision", "fp16", "--device", "cpu"), ["--precision fp16", "bf16"]
+
+
+@case
 def scale_range_reversed(root, run_dir):
     return train_cmd(root, split(root), "--scale", 2, 1), ["--scale 2.0 1.0"]
 
