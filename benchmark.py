@@ -5,10 +5,12 @@
     python benchmark.py --model_path runs/x/best.pt --json benchmark.json --profile 15
 
 The peak it compares against is measured in the same run: one 3x3 conv (--peak_conv) forward +
-backward, channels-last, in fp32 and in the training dtype. Training is timed in two child
-processes, each with its own peak resident memory: on one fixed normalized batch (no data path)
-and through train.train_one_epoch on the uint8 CamVid cache (index, normalize, augment, exactly
-as train.py). Inference runs test.py's model on one 360x480 CamVid val image, in-process and as
+backward, channels-last, in fp32 and in the training dtype. Training is timed in a child process
+(its peak resident memory is training's alone) that decodes CamVid train to train.py's uint8
+cache and then alternates two kinds of step on one model: a fixed normalized batch (no data
+path) and train.train_one_epoch on the next batch of the cache (index, normalize, augment,
+exactly as train.py). Alternating makes the loader overhead, their ratio, immune to the
+machine's slow and fast spells. Inference runs test.py's model on one 360x480 CamVid val image, in-process and as
 `python test.py` from launch to PNG written. Run it on an otherwise idle machine.
 """
 
@@ -18,6 +20,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,7 @@ import train
 from model import SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
 
 REPO = Path(__file__).resolve().parent
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def get_args(argv=None):
@@ -62,9 +66,17 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--profile", type=int, default=0,
                    help="print the top N ops of two profiled training steps (data path)")
+    p.add_argument("--levers", action="store_true",
+                   help="also time the fixed-batch step with each speed lever off in turn (NCHW, fp32, 1 thread)")
+    p.add_argument("--compile", type=int, choices=[0, 1], default=1,
+                   help="with --levers, also time torch.compile (needs a C++ compiler; compiling takes a minute)")
+    p.add_argument("--lever_steps", type=int, default=10, help="timed steps per --levers variant")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--_worker", choices=["memory", "data"], help=argparse.SUPPRESS)
+    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.levers and args.compile and shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise dataset.DataError("--levers times torch.compile, which needs a C++ compiler and none was found "
+                                "on PATH; install one (g++) or add --compile 0")
     if min(args.steps, args.batch_size, args.cli_runs) < 1 or args.warmup < 0:
         raise dataset.DataError("--steps, --batch_size and --cli_runs must be at least 1, --warmup at least 0")
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -88,10 +100,11 @@ def train_args(args):
                            "--device", args.device, "--threads", str(args.threads)])
 
 
-def new_model(targs, table, device):
+def new_model(targs, table, device, channels_last=True):
     config = VAEConfig(num_classes=table.num_classes, widths=tuple(targs.widths), latent_channels=targs.latent_channels,
                        skip=bool(targs.skip), context=bool(targs.context), stochastic=bool(targs.stochastic))
-    return SegVAE(config).to(device, memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return SegVAE(config).to(device, memory_format=fmt)
 
 
 def sync(device):
@@ -159,31 +172,16 @@ def count_flops(model, size, device):
     return fwd.get_total_flops(), bwd.get_total_flops()
 
 
-class StepClock:
-    """Stands in for the LR scheduler that train_one_epoch steps once at the end of every batch,
-    so each batch (data path included) is timed without touching train.py."""
-
-    def __init__(self, scheduler, device):
-        self.scheduler, self.device, self.times, self.last = scheduler, device, [], time.perf_counter()
-
-    def step(self):
-        self.scheduler.step()
-        sync(self.device)
-        now = time.perf_counter()
-        self.times.append(now - self.last)
-        self.last = now
-
-
-def training_setup(targs, table, masks, n_train, device, dtype):
+def training_setup(targs, table, masks, n_train, device, dtype, channels_last=True):
     """Model, optimizer, schedule, ctx and state as train._main builds them (one process)."""
     torch.manual_seed(targs.seed)
-    model = new_model(targs, table, device)
+    model = new_model(targs, table, device, channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, weight_decay=targs.weight_decay)
     total = math.ceil(n_train / targs.batch_size) * targs.epochs
     warmup = max(1, int(targs.warmup * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_at(s, total, warmup))
-    ctx = {"device": device, "dtype": dtype, "table": table, "optimizer": optimizer,
-           "scheduler": StepClock(scheduler, device), "rank": 0, "world": 1, "is_main": False,  # no tqdm bar
+    ctx = {"device": device, "dtype": dtype, "table": table, "optimizer": optimizer, "scheduler": scheduler,
+           "rank": 0, "world": 1, "is_main": False,  # no tqdm bar
            "scaler": torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
            "size": tuple(targs.image_size), "total_steps": total, "stop": {"signal": None},
            "class_weights": train.median_frequency_weights(masks, table.num_classes, table.ignore_index).to(device)}
@@ -191,16 +189,18 @@ def training_setup(targs, table, masks, n_train, device, dtype):
     return model, ctx, state
 
 
-def fixed_batch_times(args, targs, model, ctx, state, images, masks):
-    """Seconds per step on one normalized batch reused every step: the body of
+def fixed_batch_step(targs, model, ctx, state, images, masks, channels_last=True):
+    """One training step on a normalized batch made once and reused: the body of
     train.train_one_epoch after its batch is made, and nothing else."""
     device, dtype, table, optimizer, scaler = (ctx[k] for k in ("device", "dtype", "table", "optimizer", "scaler"))
-    x = dataset.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
+    x = dataset.normalize(images.to(device))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     target = masks.to(device).long()
     pixels = x.shape[-2] * x.shape[-1]
-    model.train()
 
     def step():
+        model.train()
         beta = train.kl_weight_at(state["step"], ctx["total_steps"], targs.kl_weight, targs.kl_warmup)
         with test.autocast(device, dtype):
             logits, mu, logvar = model(x)
@@ -218,18 +218,74 @@ def fixed_batch_times(args, targs, model, ctx, state, images, masks):
         ctx["scheduler"].step()
         state["step"] += 1
 
-    return time_calls(step, args.steps, args.warmup, device)
+    return step
 
 
-def data_path_times(args, targs, model, ctx, state, split):
-    """Seconds per step of train.train_one_epoch itself (index the uint8 cache, normalize,
-    augment, channels-last, step), over as many epochs of `split` as the steps need."""
-    clock = ctx["scheduler"]
-    while len(clock.times) < args.warmup + args.steps:
-        clock.last = time.perf_counter()
-        train.train_one_epoch(model, split, state, targs, ctx)
-        state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-    return clock.times[args.warmup:args.warmup + args.steps]
+def data_path_step(targs, model, ctx, state, split):
+    """One step of train.train_one_epoch itself (index the uint8 cache, normalize, augment,
+    channels-last, step), on the next whole batch of `split` in turn."""
+    b, batches = targs.batch_size, len(split) // targs.batch_size
+    turn = {"i": 0}
+
+    def step():
+        lo = turn["i"] % batches * b
+        turn["i"] += 1
+        one = dataset.Split(split.images[lo:lo + b], split.masks[lo:lo + b], [], split.names[lo:lo + b])
+        state["batch_in_epoch"] = 0
+        train.train_one_epoch(model, one, state, targs, ctx)
+        state["epoch"] += 1  # a new shuffle of the batch each call, as a new epoch would
+
+    return step
+
+
+def interleaved_times(args, steps, device):
+    """Seconds per call of each function in `steps`, called in turn (a, b, a, b, ...) so that
+    the machine's slow and fast spells fall on all of them alike."""
+    times = {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):
+        for name, fn in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def lever_times(args, targs, table, images, masks, device, dtype):
+    """Median fixed-batch step time of the recipe's model with each speed lever switched off in
+    turn (memory format, autocast dtype, threads) and with torch.compile, steps interleaved."""
+    variants = [("NCHW, fp32", False, None, 0, False), ("channels-last, fp32", True, None, 0, False)]
+    if dtype is not None:
+        variants += [(f"NCHW, {DTYPE_NAMES[dtype]}", False, dtype, 0, False)]
+    name = f"channels-last, {DTYPE_NAMES.get(dtype, 'fp32')}"
+    variants += [(name + " (the default)", True, dtype, 0, False)]
+    if args.compile:
+        variants.append((name + ", torch.compile", True, dtype, 0, True))
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        variants.append((name + ", 1 thread", True, dtype, 1, False))
+    steps = {}
+    for label, channels_last, dt, threads, compiled in variants:
+        model, ctx, state = training_setup(targs, table, masks, len(images), device, dt, channels_last)
+        if compiled:
+            model = torch.compile(model)
+        step = fixed_batch_step(targs, model, ctx, state, images, masks, channels_last)
+        steps[label] = with_threads(step, threads) if threads else step
+    t0 = time.perf_counter()
+    times = interleaved_times(argparse.Namespace(warmup=max(1, args.warmup), steps=args.lever_steps), steps, device)
+    return {label: median(t) for label, t in times.items()}, time.perf_counter() - t0
+
+
+def with_threads(fn, n):
+    def call():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(before)
+    return call
 
 
 def print_profile(args, targs, model, ctx, state, split):
@@ -244,9 +300,10 @@ def print_profile(args, targs, model, ctx, state, split):
     print(prof.key_averages().table(sort_by=sort, row_limit=args.profile), file=sys.stderr)
 
 
-def measure_training(args, mode):
-    """Run in a child process. mode "memory": a fixed batch, no data path; "data": train.py's
-    data path on the CamVid uint8 cache. Median seconds per step and the process's peak RSS."""
+def measure_training(args):
+    """Run in a child process: decode the CamVid train split to train.py's uint8 cache, then time
+    training steps on one fixed batch (no data path) and through train.train_one_epoch (the
+    data path), interleaved. Median seconds per step of each and the process's peak RSS."""
     device, dtype = setup(args)
     targs = train_args(args)
     table = dataset.make_class_table(None, targs.train_path)
@@ -256,42 +313,39 @@ def measure_training(args, mode):
         raise dataset.DataError(f"{targs.train_path} has {len(pairs)} images, fewer than --batch_size {b} "
                                 f"or --train_images {args.train_images}")
     out = {}
-    if mode == "memory":
-        images = torch.stack([dataset.resize_image(dataset.load_image(i), size) for i, _ in pairs[:b]])
-        masks = torch.stack([dataset.resize_mask(dataset.load_mask(m, table), size) for _, m in pairs[:b]])
-        model, ctx, state = training_setup(targs, table, masks, len(pairs), device, dtype)
-        out["rss_before_mib"] = peak_rss_mib()
-        times = fixed_batch_times(args, targs, model, ctx, state, images, masks)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            src = targs.train_path
-            if args.train_images:  # a SegNet-style list file of the first N pairs
-                src = Path(tmp) / "train.txt"
-                src.write_text("".join(f"{i.resolve()} {m.resolve()}\n" for i, m in pairs[:args.train_images]))
-            t0 = time.perf_counter()
-            split = dataset.load_split(src, table, size, args.threads or torch.get_num_threads())
-            out["decode_s"] = time.perf_counter() - t0
-        out["cache_mib"] = sum(t.nbytes for t in [split.images, split.masks, *split.label_masks]) / 2**20
-        model, ctx, state = training_setup(targs, table, split.masks, len(pairs), device, dtype)
-        out["rss_before_mib"] = peak_rss_mib()
-        keep = len(split) // b * b  # whole batches only: a short last batch would flatter the step time
-        split = dataset.Split(split.images[:keep], split.masks[:keep], split.label_masks[:keep], split.names[:keep])
-        times = data_path_times(args, targs, model, ctx, state, split)
-    out.update({"step_s": median(times), "step_times_s": times, "peak_rss_mib": peak_rss_mib()})
+    with tempfile.TemporaryDirectory() as tmp:
+        src = targs.train_path
+        if args.train_images:  # a SegNet-style list file of the first N pairs
+            src = Path(tmp) / "train.txt"
+            src.write_text("".join(f"{i.resolve()} {m.resolve()}\n" for i, m in pairs[:args.train_images]))
+        t0 = time.perf_counter()
+        split = dataset.load_split(src, table, size, args.threads or torch.get_num_threads())
+        out["decode_s"] = time.perf_counter() - t0
+    out["cache_mib"] = sum(t.nbytes for t in [split.images, split.masks, *split.label_masks]) / 2**20
+    model, ctx, state = training_setup(targs, table, split.masks, len(pairs), device, dtype)
+    out["rss_before_mib"] = peak_rss_mib()
+    steps = {"fixed": fixed_batch_step(targs, model, ctx, state, split.images[:b], split.masks[:b]),
+             "data": data_path_step(targs, model, ctx, state, split)}
+    for name, times in interleaved_times(args, steps, device).items():
+        out[name] = {"step_s": median(times), "step_times_s": times}
+    out["peak_rss_mib"] = peak_rss_mib()
     if device.type == "cuda":
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if args.profile and mode == "data":  # after the memory reading: the profiler holds its own buffers
+    if args.levers:  # after the memory reading: these are extra models
+        out["levers"], out["levers_s"] = lever_times(args, targs, table, split.images[:b], split.masks[:b],
+                                                     device, dtype)
+    if args.profile:  # after the memory reading: the profiler holds its own buffers
         print_profile(args, targs, model, ctx, state, split)
     return out
 
 
-def run_worker(args, mode):
+def run_worker(args):
     """measure_training in a fresh process, so its peak RSS is that training run's and not inflated
     by the benchmark's other parts (conv peak, FLOP count, inference)."""
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args.argv, "--_worker", mode],
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args.argv, "--_worker"],
                        stdout=subprocess.PIPE, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"benchmark worker '{mode}' failed with exit code {r.returncode} (its error is above)")
+        raise RuntimeError(f"benchmark worker failed with exit code {r.returncode} (its error is above)")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -352,21 +406,21 @@ def report(args, res):
             ("parameters", res["params"] / 1e6, "M", f"widths {args.widths}, latent {args.latent_channels}"),
             (f"forward FLOPs per image at {h}x{w}", fwd / 1e9, "GFLOP", "FlopCounterMode, training mode"),
             ("counted fwd+bwd / forward", (fwd + res["bwd_flops"]) / fwd, "x", "MFU below assumes 3x")]
-    for key, name in (("memory", "fixed batch"), ("data", "CamVid data path")):
-        t = res[key]
-        ips = b / t["step_s"]
-        rows += [(f"train step, {name}", 1e3 * t["step_s"], "ms", f"median of {args.steps}, batch {b}, {dt}"),
+    t = res["training"]
+    for key, name in (("fixed", "fixed batch"), ("data", "CamVid data path")):
+        ips = b / t[key]["step_s"]
+        rows += [(f"train step, {name}", 1e3 * t[key]["step_s"], "ms", f"median of {args.steps}, batch {b}, {dt}"),
                  (f"train throughput, {name}", ips, "images/s", "batch / median step time"),
                  (f"achieved, {name}", 3 * fwd * ips / 1e9, "GFLOP/s", "3 x forward FLOPs x images/s"),
-                 (f"MFU, {name}", 100 * 3 * fwd * ips / 1e9 / res["peak_train"], "%", f"of the {dt} conv peak"),
-                 (f"peak RSS, {name}", t["peak_rss_mib"], "MiB", "peak resident memory of the child that trained"),
-                 ("  of which before the first step", t["rss_before_mib"], "MiB", "imports, model, data")]
-        if "peak_gpu_mib" in t:
-            rows.append((f"peak GPU memory, {name}", t["peak_gpu_mib"], "MiB", "max_memory_allocated"))
-    d = res["data"]
-    rows += [("loader overhead", d["step_s"] / res["memory"]["step_s"], "x", "data-path / fixed-batch step time"),
-             ("CamVid decode to the uint8 cache", d["decode_s"], "s", "train.py start-up, once per run"),
-             ("uint8 cache size", d["cache_mib"], "MiB", "images + masks + full-size label masks")]
+                 (f"MFU, {name}", 100 * 3 * fwd * ips / 1e9 / res["peak_train"], "%", f"of the {dt} conv peak")]
+    rows += [("loader overhead", t["data"]["step_s"] / t["fixed"]["step_s"], "x",
+              "data-path / fixed-batch step time, steps interleaved"),
+             ("peak RSS of training", t["peak_rss_mib"], "MiB", "the training child: uint8 cache, model, steps"),
+             ("  of which before the first step", t["rss_before_mib"], "MiB", "imports, model, data")]
+    if "peak_gpu_mib" in t:
+        rows.append(("peak GPU memory of training", t["peak_gpu_mib"], "MiB", "max_memory_allocated"))
+    rows += [("CamVid decode to the uint8 cache", t["decode_s"], "s", "train.py start-up, once per run"),
+             ("uint8 cache size", t["cache_mib"], "MiB", "images + masks + full-size label masks")]
     i = res["inference"]
     rows += [(f"inference forward at {i['model_hw'][0]}x{i['model_hw'][1]}", i["forward_ms"], "ms",
               f"median, batch 1, {res['dtype']}, no_grad"),
@@ -376,6 +430,12 @@ def report(args, res):
     print(f"\n{'measurement':<52}{'value':>10}  {'unit':<9}meaning")
     for name, value, unit, meaning in rows:
         print(f"{name:<52}{value:>10.{1 if abs(value) >= 10 else 3}f}  {unit:<9}{meaning}")
+    if "levers" in t:
+        base = t["levers"]["NCHW, fp32"]
+        print(f"\nlevers: fixed-batch step, median of {args.lever_steps} interleaved steps "
+              f"({t['levers_s']:.0f} s incl. compiling)\n{'variant':<52}{'ms/step':>10}  speed-up over NCHW fp32")
+        for name, sec in t["levers"].items():
+            print(f"{name:<52}{1e3 * sec:>10.1f}  {base / sec:.2f}x")
 
 
 def cpu_name():
@@ -388,7 +448,7 @@ def cpu_name():
 
 def main(args):
     if args._worker:
-        print(json.dumps(measure_training(args, args._worker)))
+        print(json.dumps(measure_training(args)))
         return None
     device, dtype = setup(args)
     cpu = f"{cpu_name()}, {torch.get_num_threads()} threads"
@@ -406,8 +466,7 @@ def main(args):
     res["params"] = count_parameters(model)
     res["fwd_flops"], res["bwd_flops"] = count_flops(model, tuple(args.image_size), device)
     del model
-    for mode in ("memory", "data"):
-        res[mode] = run_worker(args, mode)
+    res["training"] = run_worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         res["inference"] = measure_inference(args, table, device, dtype, tmp)
     report(args, res)

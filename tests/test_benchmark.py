@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run
 
 import benchmark
@@ -11,7 +13,7 @@ TINY = ["--image_size", "32", "48", "--widths", "8", "16", "--latent_channels", 
 
 
 def test_measurements_in_process(tiny_data, tmp_path):
-    args = benchmark.get_args(["--camvid", str(tiny_data), *TINY])
+    args = benchmark.get_args(["--camvid", str(tiny_data), *TINY, "--levers", "--compile", "0", "--lever_steps", "1"])
     device, dtype = benchmark.setup(args)
     assert benchmark.conv_peak(args, device, None) > 0
     targs = benchmark.train_args(args)
@@ -19,24 +21,34 @@ def test_measurements_in_process(tiny_data, tmp_path):
     table = benchmark.dataset.make_class_table(None, tiny_data / "train")
     fwd, bwd = benchmark.count_flops(benchmark.new_model(targs, table, device), (32, 48), device)
     assert fwd > 0 and 1.5 < bwd / fwd <= 2.0  # grad input + grad weight; the first conv needs no grad input
-    for mode in ("memory", "data"):
-        r = benchmark.measure_training(args, mode)
-        assert len(r["step_times_s"]) == 2 and r["step_s"] > 0 and r["peak_rss_mib"] > 50
-    assert r["cache_mib"] > 0 and r["decode_s"] > 0
+    r = benchmark.measure_training(args)
+    for kind in ("fixed", "data"):
+        assert len(r[kind]["step_times_s"]) == 2 and r[kind]["step_s"] > 0
+    assert r["peak_rss_mib"] >= r["rss_before_mib"] > 50 and r["cache_mib"] > 0 and r["decode_s"] > 0
+    # NCHW and channels-last, in fp32 and (where the CPU has it) bf16; one thread already, so no 1-thread row
+    assert len(r["levers"]) == (4 if dtype else 2) and "NCHW, fp32" in r["levers"]
+    assert all(v > 0 for v in r["levers"].values())
     i = benchmark.measure_inference(args, table, device, dtype, tmp_path)
     assert i["model_hw"] == [32, 48] and i["image_hw"] == [32, 48] and i["forward_ms"] > 0 and i["cli_s"] > 0
 
 
 def test_script_end_to_end(tiny_data, tmp_path):
-    r = run("benchmark.py", "--camvid", tiny_data, *TINY, "--json", tmp_path / "b.json")
+    r = run("benchmark.py", "--camvid", tiny_data, *TINY, "--levers", "--compile", "0", "--json", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
-    for label in ("conv peak fp32", "MFU, CamVid data path", "peak RSS, fixed batch", "loader overhead",
-                  "python test.py, launch to PNG"):
+    for label in ("conv peak fp32", "MFU, CamVid data path", "peak RSS of training", "loader overhead",
+                  "python test.py, launch to PNG", "speed-up over NCHW fp32"):
         assert label in r.stdout
     res = json.loads((tmp_path / "b.json").read_text())
-    assert res["config"]["batch_size"] == 4 and res["memory"]["step_s"] > 0 and res["inference"]["cli_s"] > 0
+    assert res["config"]["batch_size"] == 4 and res["training"]["data"]["step_s"] > 0 and res["inference"]["cli_s"] > 0
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
     r = run("benchmark.py", "--camvid", tmp_path / "nowhere", *TINY)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_levers_without_a_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(benchmark.dataset.DataError, match="needs a C\\+\\+ compiler.*--compile 0"):
+        benchmark.get_args(["--levers"])
+    assert benchmark.get_args(["--levers", "--compile", "0"]).levers  # without torch.compile it runs
