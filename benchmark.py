@@ -206,13 +206,13 @@ def fixed_batch_step(targs, model, ctx, state, images, masks, channels_last=True
             logits, mu, logvar = model(x)
         recon = segmentation_loss(logits, target, targs.loss, table.ignore_index, ctx["class_weights"])
         loss = recon + beta * kl_loss(mu, logvar, pixels, targs.free_bits)
-        if not torch.isfinite(loss):
-            raise train.NonFiniteLoss(f"step {state['step']}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if targs.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
+        if not torch.isfinite(loss):  # train.py's one host sync per step
+            raise train.NonFiniteLoss(f"step {state['step']}")
         scaler.step(optimizer)
         scaler.update()
         ctx["scheduler"].step()

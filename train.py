@@ -259,27 +259,33 @@ def train_one_epoch(model, train, state, args, ctx):
         recon = segmentation_loss(logits, target, args.loss, table.ignore_index, ctx["class_weights"])
         kl = kl_loss(mu, logvar, image_pixels, args.free_bits)
         loss = recon + beta * kl if model_config(model).stochastic else recon
-        # Every rank must take the same branch: one that skipped a step or stopped alone would
-        # leave the others waiting in the gradient all-reduce.
-        finite = bool(torch.isfinite(loss))
-        bad_loss, stop = any_rank(ctx, not finite, ctx["stop"]["signal"] is not None)
         optimizer.zero_grad(set_to_none=True)
-        bad = None
-        if bad_loss:
-            bad = f"loss {float(loss.detach()):g}" if not finite else "a non-finite loss on another rank"
-        if not bad:
-            scaler.scale(loss).backward()
-            if args.grad_clip or not scaler.is_enabled():
-                scaler.unscale_(optimizer)
-                # max_norm inf only measures: a non-finite norm would turn every weight into NaN.
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-                # fp16's scaler skips such steps itself; elsewhere they count as bad steps.
-                if not scaler.is_enabled() and not torch.isfinite(norm):
-                    bad = f"gradient norm {float(norm):g}"
+        scaler.scale(loss).backward()
+        ok = torch.isfinite(loss)
+        unscaled = bool(args.grad_clip or not scaler.is_enabled())
+        if unscaled:
+            scaler.unscale_(optimizer)
+            # max_norm inf only measures: a non-finite norm would turn every weight into NaN.
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+            if not scaler.is_enabled():  # fp16's scaler skips such steps itself
+                ok = ok & torch.isfinite(norm)
+        # The step's one host sync, after the backward is queued. Every rank must take the same
+        # branch: one that skipped a step or stopped alone would leave the others waiting in the
+        # next gradient all-reduce.
+        bad, stop = any_rank(ctx, ~ok, ctx["stop"]["signal"] is not None)
         if bad:
+            if not torch.isfinite(loss):
+                bad = f"loss {float(loss.detach()):g}"
+            elif bool(ok):
+                bad = "a non-finite loss or gradient on another rank"
+            else:
+                bad = f"gradient norm {float(norm):g}"
             state["nonfinite"] += 1
             if state["nonfinite"] > args.skip_nonfinite:
                 raise NonFiniteLoss(f"{bad} at epoch {state['epoch'] + 1} step {state['step'] + 1}")
+            if not unscaled:
+                scaler.unscale_(optimizer)  # fp16: records the inf check that update() needs
+            scaler.update()  # fp16: lowers the scale; a no-op otherwise
             optimizer.zero_grad(set_to_none=True)
         else:
             scaler.step(optimizer)
@@ -299,11 +305,11 @@ def train_one_epoch(model, train, state, args, ctx):
 
 
 def any_rank(ctx, *flags):
-    """Each flag ORed over all ranks (unchanged in a single process)."""
-    if ctx["world"] == 1:
-        return flags
-    t = torch.tensor(flags, dtype=torch.int32, device=ctx["device"])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    """Each flag (a bool, or a one-element bool tensor on the device) ORed over all ranks, as
+    Python bools, with a single host sync."""
+    t = torch.stack([torch.as_tensor(f, device=ctx["device"]).reshape(()) for f in flags]).int()
+    if ctx["world"] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in t.tolist())
 
 

@@ -247,3 +247,26 @@ def test_nonfinite_loss(tiny_data, tmp_path, monkeypatch, nan_steps, skip, stops
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == (2 if stops_at is None else 1)
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("grad_clip", [0, 5])
+def test_nonfinite_loss_with_fp16_grad_scaler(tiny_data, tmp_path, monkeypatch, grad_clip):
+    """The fp16 path (GradScaler, as on CUDA) skips a bad step and carries on: CPU autocast in
+    fp16 stands in for the GPU, which train.py itself refuses to run in fp16."""
+    calls = []
+    segmentation_loss = train.segmentation_loss
+
+    def loss_with_nan(*a, **k):
+        calls.append(1)
+        value = segmentation_loss(*a, **k)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(train, "segmentation_loss", loss_with_nan)
+    monkeypatch.setattr(train, "pick_precision", lambda name, device: torch.float16)
+    out = tmp_path / "run"
+    args = train.get_args(argv(tiny_data, out, "--epochs", 2, "--skip_nonfinite", 1, "--grad_clip", grad_clip))
+    state = train.main(args)
+    assert state["nonfinite"] == 1 and state["step"] == 4 and epochs_of(metrics_rows(out)) == [1, 2]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["scaler"]["scale"] < 2.0**16  # the bad step lowered the scale from GradScaler's start
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
