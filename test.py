@@ -321,17 +321,23 @@ def save_figure(path, image, pred, pal, table, truth=None, uncertainty=None, vma
     plt.close(fig)
 
 
-def save_map(path, values, title, vmax):
-    """A colour-mapped uncertainty map with a colour bar."""
+def save_map(path, values, title, vmax=None):
+    """A colour-mapped uncertainty map with a colour bar. vmax None: the scale ends at the map's
+    own 99.5th percentile, so that a map of small values (the mutual information of a model with
+    a quiet latent) still shows where they are; the colour bar gives the values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
+    if vmax is None:
+        vmax = max(float(np.percentile(values, 99.5)), 1e-6)
+        title += f"\n(scale: 0 to this image's 99.5th percentile, {vmax:.3g})"
     h, w = values.shape
-    fig, ax = plt.subplots(figsize=(6, 6 * h / w + 0.4))
+    fig, ax = plt.subplots(figsize=(6, 6 * h / w + 0.6))
     im = ax.imshow(values, cmap="magma", vmin=0, vmax=vmax)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.axis("off")
     fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
     fig.tight_layout()
@@ -339,10 +345,10 @@ def save_map(path, values, title, vmax):
     plt.close(fig)
 
 
-MAPS = {  # name -> (title, upper end of the colour scale as a function of the class count)
+MAPS = {  # name -> (title, upper end of the colour scale from the class count; None: from the map)
     "entropy": ("predictive entropy (nats)", lambda c: math.log(c)),
-    "mutual_info": ("mutual information: uncertainty from the latent (nats)", lambda c: math.log(c)),
-    "variance": ("sample variance of the winning class probability", lambda c: 0.25),
+    "mutual_info": ("mutual information: uncertainty from the latent (nats)", lambda c: None),
+    "variance": ("sample variance of the winning class probability", lambda c: None),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import CAMVID, TINY_MODEL, run
 
 import train
-from test import load_checkpoint
+from test import load_checkpoint, save_map
 
 
 def test_train_writes_every_output(trained_tiny):
@@ -65,6 +65,22 @@ def test_sampled_uncertainty_maps_and_ranking(trained_tiny, tmp_path):
     run("test.py", *args, "--output_dir", tmp_path / "c", "--seed", 2)
     a, b, c = (np.load(tmp_path / d / "000_variance.npy") for d in "abc")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_uncertainty_map_of_small_values_is_visible(tmp_path):
+    """A map whose values are all far below log(C) (a quiet latent's mutual information) is
+    scaled to its own range: drawn in the colour map's middle, not black."""
+    from PIL import Image
+
+    values = np.full((90, 120), 0.005)
+    values[0, 0] = 0.01  # the map's range: 0.005 is in the middle of it
+    brightness = {}
+    for name, vmax in (("fixed", np.log(11)), ("own", None)):
+        save_map(tmp_path / f"{name}.png", values, "t", vmax)
+        rgb = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB")).astype(float)
+        h, w = rgb.shape[:2]
+        brightness[name] = rgb[int(0.45 * h):int(0.6 * h), int(0.3 * w):int(0.6 * w)].sum(2).mean()  # inside the map
+    assert brightness["fixed"] < 60 and brightness["own"] > 200, brightness
 
 
 def test_evaluate_split_and_calibrate(trained_tiny, tmp_path):
