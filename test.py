@@ -278,12 +278,16 @@ def segment_image(model, image, image_size, device, dtype, samples=1, temperatur
     return F.interpolate(probs, size=image.shape[-2:], mode="bilinear", align_corners=False).cpu()
 
 
+def new_figure(figsize):
+    """A matplotlib figure without pyplot: no GUI backend or global state to set up, and a
+    quicker import (savefig renders with Agg)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def save_figure(path, image, pred, pal, table, truth=None, uncertainty=None, vmax=1.0, samples=1):
     """input | prediction overlaid, with a legend | uncertainty | (ground truth | errors)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.patches import Patch
 
@@ -307,7 +311,8 @@ def save_figure(path, image, pred, pal, table, truth=None, uncertainty=None, vma
         s = scores(confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), table.num_classes,
                                     table.ignore_index))
         title = f"this image: mIoU {s['miou'] * 100:.1f}, pixel accuracy {s['pixel_acc'] * 100:.1f}"
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2 * img.shape[0] / img.shape[1] + 1.2))
+    fig = new_figure((4.2 * len(panels), 4.2 * img.shape[0] / img.shape[1] + 1.2))
+    axes = fig.subplots(1, len(panels))
     for ax, (name, a) in zip(np.atleast_1d(axes), panels):
         ax.imshow(a, cmap="magma", vmin=0, vmax=vmax) if a.ndim == 2 else ax.imshow(a)
         ax.set_title(name)
@@ -318,31 +323,26 @@ def save_figure(path, image, pred, pal, table, truth=None, uncertainty=None, vma
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def save_map(path, values, title, vmax=None):
     """A colour-mapped uncertainty map with a colour bar. vmax None: the scale ends at the map's
     own 99.5th percentile, so that a map of small values (the mutual information of a model with
     a quiet latent) still shows where they are; the colour bar gives the values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     if vmax is None:
         vmax = max(float(np.percentile(values, 99.5)), 1e-6)
         title += f"\n(scale: 0 to this image's 99.5th percentile, {vmax:.3g})"
     h, w = values.shape
-    fig, ax = plt.subplots(figsize=(6, 6 * h / w + 0.6))
+    fig = new_figure((6, 6 * h / w + 0.6))
+    ax = fig.subplots()
     im = ax.imshow(values, cmap="magma", vmin=0, vmax=vmax)
     ax.set_title(title, fontsize=10)
     ax.axis("off")
     fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 MAPS = {  # name -> (title, upper end of the colour scale from the class count; None: from the map)
@@ -519,12 +519,8 @@ def fit_temperature(model, split, table, device, dtype, samples, seed=0, max_pix
 
 
 def save_reliability(path, meters):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = new_figure((11, 4.5))
+    axes = fig.subplots(1, 2)
     for name, label in (("sampled_entropy", "sampled mean"), ("mean_softmax_entropy", "mean latent")):
         r = meters[name].reliability()
         axes[0].plot(r["confidence"], r["accuracy"], "o-", label=label)
@@ -540,21 +536,17 @@ def save_reliability(path, meters):
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def save_confusion(path, cm, names):
     """Row-normalized confusion matrix (rows: true class) as an image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     cm = np.asarray(cm, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     side = max(5.0, 1.5 + 0.55 * len(names))
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig = new_figure((side, side))
+    ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(names)):
         for j in range(len(names)):
@@ -565,16 +557,11 @@ def save_confusion(path, cm, names):
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (% of each true class)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def save_examples(path, model, split, table, ckpt, device, dtype, n, flip=False):
     """A grid of `n` images spread evenly over the split, one row each: input | prediction |
     ground truth, at the label's resolution, with each image's own mIoU."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch.nn.functional as F
     from matplotlib.patches import Patch
 
@@ -584,7 +571,8 @@ def save_examples(path, model, split, table, ckpt, device, dtype, n, flip=False)
     pal = palette(table)
     picks = sorted({round(i * (len(split) - 1) / max(n - 1, 1)) for i in range(n)})
     temperature = float(ckpt.get("temperature", 1.0))
-    fig, axes = plt.subplots(len(picks), 3, figsize=(12, 3.2 * len(picks) + 0.6), squeeze=False)
+    fig = new_figure((12, 3.2 * len(picks) + 0.6))
+    axes = fig.subplots(len(picks), 3, squeeze=False)
     for row, i in zip(axes, picks):
         truth = split.label_masks[i]
         probs = forward_probs(model, split.images[i:i + 1], device, dtype, temperature=temperature, flip=flip)[0]
@@ -602,7 +590,6 @@ def save_examples(path, model, split, table, ckpt, device, dtype, n, flip=False)
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.6 / (3.2 * len(picks) + 0.6), 1, 1))
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def run_split(args, ckpt, model, device, dtype):

@@ -171,3 +171,17 @@ def test_camvid_end_to_end(tmp_path):
     table = read_class_table(CAMVID / "classes.csv")
     valid = sum(int((load_mask(CAMVID / "trainannot" / n, table) != 11).sum()) for n in names)
     assert cm.sum() == valid  # every non-void pixel at 360x480 counted once
+
+
+def test_training_cache_placement(monkeypatch):
+    """The uint8 cache stays where it is on the CPU, and on a GPU whose free memory it would
+    crowd (the move itself needs a GPU and is not run here)."""
+    from types import SimpleNamespace
+
+    from dataset import demo_split
+
+    split = demo_split(4, 0)
+    assert train.cache_on_device(split, torch.device("cpu")) is split
+    fake_gpu = SimpleNamespace(type="cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (split.images.nbytes, 80 * 2**30))
+    assert train.cache_on_device(split, fake_gpu) is split  # needs more than a quarter of the free memory
