@@ -3,6 +3,7 @@
     python benchmark.py                                   # the recipe: default model, 288x384, batch 8
     python benchmark.py --steps 3 --warmup 1 --train_images 32 --cli_runs 1   # a quick check
     python benchmark.py --model_path runs/x/best.pt --json benchmark.json --profile 15
+    python benchmark.py --levers      # also: each speed lever off in turn, and torch.compile
 
 The peak it compares against is measured in the same run: one 3x3 conv (--peak_conv) forward +
 backward, channels-last, in fp32 and in the training dtype. Training is timed in a child process
