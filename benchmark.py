@@ -324,6 +324,7 @@ def measure_training(args):
         out["decode_s"] = time.perf_counter() - t0
     out["cache_mib"] = sum(t.nbytes for t in [split.images, split.masks, *split.label_masks]) / 2**20
     model, ctx, state = training_setup(targs, table, split.masks, len(pairs), device, dtype)
+    split = train.cache_on_device(split, device)  # as train.py, after the class weights
     out["rss_before_mib"] = peak_rss_mib()
     steps = {"fixed": fixed_batch_step(targs, model, ctx, state, split.images[:b], split.masks[:b]),
              "data": data_path_step(targs, model, ctx, state, split)}
