@@ -4,8 +4,9 @@
     python test.py --test_image_path "photos/*.png" --model_path runs/x/best.pt --samples 16
     python test.py --test_path ../shared/data/camvid/val --model_path runs/x/best.pt
 
-The model is rebuilt from the checkpoint alone. Heavy imports (torch, matplotlib) happen inside
-the functions that need them, so that `--help` and argument errors answer at once.
+The model is rebuilt from the checkpoint alone. matplotlib and the metrics are imported inside
+the functions that need them, so that a run that draws nothing does not pay for them (torch
+comes with dataset.py at start-up).
 """
 
 import argparse
