@@ -33,9 +33,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
-import test
 import train
-from model import SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
+from checkpoint import build_model, load_checkpoint, save_checkpoint
+from evaluate import segment_image
+from model import SegVAE, VAEConfig, count_parameters
+from runtime import autocast, pick_device, pick_precision
 
 REPO = Path(__file__).resolve().parent
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -87,10 +89,10 @@ def get_args(argv=None):
 def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = test.pick_device(args.device)
+    device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return device, test.pick_precision(args.precision, device)
+    return device, pick_precision(args.precision, device)
 
 
 def train_args(args):
@@ -150,7 +152,7 @@ def conv_peak(args, device, dtype):
     x.requires_grad_()
 
     def step():
-        with test.autocast(device, dtype):
+        with autocast(device, dtype):
             y = conv(x)
         y.backward(torch.ones_like(y))
         conv.weight.grad = x.grad = None
@@ -191,33 +193,16 @@ def training_setup(targs, table, masks, n_train, device, dtype, channels_last=Tr
 
 
 def fixed_batch_step(targs, model, ctx, state, images, masks, channels_last=True):
-    """One training step on a normalized batch made once and reused: the body of
-    train.train_one_epoch after its batch is made, and nothing else."""
-    device, dtype, table, optimizer, scaler = (ctx[k] for k in ("device", "dtype", "table", "optimizer", "scaler"))
-    x = dataset.normalize(images.to(device))
+    """train.train_step on a normalized batch made once and reused: the training step itself,
+    without the data path (indexing the cache, normalizing, augmenting)."""
+    x = dataset.normalize(images.to(ctx["device"]))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    target = masks.to(device).long()
-    pixels = x.shape[-2] * x.shape[-1]
+    target = masks.to(ctx["device"]).long()
 
     def step():
         model.train()
-        beta = train.kl_weight_at(state["step"], ctx["total_steps"], targs.kl_weight, targs.kl_warmup)
-        with test.autocast(device, dtype):
-            logits, mu, logvar = model(x)
-        recon = segmentation_loss(logits, target, targs.loss, table.ignore_index, ctx["class_weights"])
-        loss = recon + beta * kl_loss(mu, logvar, pixels, targs.free_bits)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if targs.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
-        if not torch.isfinite(loss):  # train.py's one host sync per step
-            raise train.NonFiniteLoss(f"step {state['step']}")
-        scaler.step(optimizer)
-        scaler.update()
-        ctx["scheduler"].step()
-        state["step"] += 1
+        train.train_step(model, x, target, state, targs, ctx)
 
     return step
 
@@ -361,22 +346,22 @@ def measure_inference(args, table, device, dtype, tmp):
         state = {"epoch": 0, "step": 0, "best_miou": -1.0, "history": []}
         ckpt = train.checkpoint_dict(new_model(targs, table, torch.device("cpu")), state, targs,
                                      {"table": table, "size": tuple(args.image_size)}, full=False)
-        test.save_checkpoint(ckpt, ckpt_path)
+        save_checkpoint(ckpt, ckpt_path)
     image_path = Path(args.test_image or dataset.find_pairs(Path(args.camvid) / "val")[0][0])
-    ckpt = test.load_checkpoint(ckpt_path, device)
-    model = test.build_model(ckpt, ckpt_path, device)
+    ckpt = load_checkpoint(ckpt_path, device)
+    model = build_model(ckpt, ckpt_path, device)
     size = tuple(ckpt["image_size"])
     image = dataset.load_image(image_path)
     x = dataset.normalize(dataset.resize_image(image, size)[None].to(device))
-    x = x.contiguous(memory_format=torch.channels_last)  # (1, 3, h, w), as test.forward_probs
+    x = x.contiguous(memory_format=torch.channels_last)  # (1, 3, h, w), as evaluate.forward_probs
 
     def forward():
-        with torch.no_grad(), test.autocast(device, dtype):
+        with torch.no_grad(), autocast(device, dtype):
             model.sample(x, 1)
 
     out = {"image": str(image_path), "image_hw": list(image.shape[-2:]), "model_hw": list(size),
            "forward_ms": 1e3 * median(time_calls(forward, args.steps, args.warmup, device)),
-           "segment_ms": 1e3 * median(time_calls(lambda: test.segment_image(model, image, size, device, dtype),
+           "segment_ms": 1e3 * median(time_calls(lambda: segment_image(model, image, size, device, dtype),
                                                  args.steps, args.warmup, device))}
     cmd = [sys.executable, "test.py", "--test_image_path", str(image_path.resolve()), "--model_path",
            str(Path(ckpt_path).resolve()), "--output_dir", str(Path(tmp) / "pred"), "--device", args.device,
@@ -427,7 +412,7 @@ def report(args, res):
     rows += [(f"inference forward at {i['model_hw'][0]}x{i['model_hw'][1]}", i["forward_ms"], "ms",
               f"median, batch 1, {res['dtype']}, no_grad"),
              (f"segment one {i['image_hw'][0]}x{i['image_hw'][1]} image", i["segment_ms"], "ms",
-              "resize + forward + softmax + upsample (test.segment_image)"),
+              "resize + forward + softmax + upsample (evaluate.segment_image)"),
              ("python test.py, launch to PNG", i["cli_s"], "s", f"median of {args.cli_runs} process wall times")]
     print(f"\n{'measurement':<52}{'value':>10}  {'unit':<9}meaning")
     for name, value, unit, meaning in rows:

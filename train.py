@@ -8,7 +8,6 @@ Every epoch trains, validates (loss, KL, mIoU, per-class IoU, pixel accuracy), s
 epoch_NNN.pt, last.pt and best.pt in --output_dir, rewrites metrics.csv and redraws loss_plot.png.
 """
 
-import argparse
 import csv
 import dataclasses
 import gc
@@ -27,21 +26,16 @@ from tqdm import tqdm
 
 import dataset
 from dataset import DataError
+from checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
+from cli import Parser, make_output_dir, refuse, write_csv, write_json
+from evaluate import evaluate, summarize
+from figures import plot_history
 from model import SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
-from test import (CHECKPOINT_FORMAT, Parser, autocast, build_model, evaluate, load_checkpoint, make_output_dir,
-                  new_figure, pick_device, pick_precision, save_checkpoint, summarize)
-
-
-def refuse(message):
-    """Exit with status 2 and one 'error: ...' line, as for every bad input (under torchrun from
-    rank 0 alone: every rank fails alike)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+from runtime import autocast, pick_device, pick_precision
 
 
 def get_args(argv=None):
-    p = Parser(description="Train the segmentation VAE.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Train the segmentation VAE.")
     d = p.add_argument_group("data")
     d.add_argument("--train_path", help="training split: a folder with images/ and masks/, a folder X "
                    "with sibling Xannot/, or a list file of 'image mask' lines (default: the demo set)")
@@ -242,14 +236,11 @@ class NonFiniteLoss(Exception):
 def train_one_epoch(model, train, state, args, ctx):
     """One pass over this rank's share of the training split, starting after the batches
     already done (`state['batch_in_epoch']`, non-zero when resuming mid-epoch)."""
-    device, dtype, table = ctx["device"], ctx["dtype"], ctx["table"]
-    optimizer, scheduler, scaler = ctx["optimizer"], ctx["scheduler"], ctx["scaler"]
+    device, table = ctx["device"], ctx["table"]
     order = batch_order(len(train), state["epoch"], args.seed, ctx["rank"], ctx["world"])
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     model.train()
-    part = state["partial"]
     crop = tuple(args.crop_size) if args.crop_size else None
-    image_pixels = math.prod(crop or ctx["size"])
     fixed = dict(scale=tuple(args.scale)) if args.augment else dict(scale=(1, 1), flip=False, jitter=0)
     bar = tqdm(batches, initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
                disable=None if ctx["is_main"] else True, leave=False, dynamic_ncols=True)  # None: terminal only
@@ -262,56 +253,68 @@ def train_one_epoch(model, train, state, args, ctx):
         if args.augment or crop:
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
             images, target = dataset.augment(images, target, gen, table.ignore_index, out_size=crop, **fixed)
-        images = images.contiguous(memory_format=torch.channels_last)
-        beta = kl_weight_at(state["step"], ctx["total_steps"], args.kl_weight, args.kl_warmup)
-        with autocast(device, dtype):
-            logits, mu, logvar = model(images)
-        recon = segmentation_loss(logits, target, args.loss, table.ignore_index, ctx["class_weights"])
-        kl = kl_loss(mu, logvar, image_pixels, args.free_bits)
-        loss = recon + beta * kl if model_config(model).stochastic else recon
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        ok = torch.isfinite(loss)
-        unscaled = bool(args.grad_clip or not scaler.is_enabled())
-        if unscaled:
-            scaler.unscale_(optimizer)
-            # max_norm inf only measures: a non-finite norm would turn every weight into NaN.
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-            if not scaler.is_enabled():  # fp16's scaler skips such steps itself
-                ok = ok & torch.isfinite(norm)
-        # The step's one host sync, after the backward is queued. Every rank must take the same
-        # branch: one that skipped a step or stopped alone would leave the others waiting in the
-        # next gradient all-reduce.
-        bad, stop = any_rank(ctx, ~ok, ctx["stop"]["signal"] is not None)
-        if bad:
-            if not torch.isfinite(loss):
-                bad = f"loss {float(loss.detach()):g}"
-            elif bool(ok):
-                bad = "a non-finite loss or gradient on another rank"
-            else:
-                bad = f"gradient norm {float(norm):g}"
-            state["nonfinite"] += 1
-            if state["nonfinite"] > args.skip_nonfinite:
-                raise NonFiniteLoss(f"{bad} at epoch {state['epoch'] + 1} step {state['step'] + 1}")
-            if not unscaled:
-                scaler.unscale_(optimizer)  # fp16: records the inf check that update() needs
-            scaler.update()  # fp16: lowers the scale; a no-op otherwise
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-            part["loss"] += loss.detach().double() * len(idx)
-            part["kl"] += kl.detach().double() * len(idx)
-            part["images"] += len(idx)
-        scheduler.step()
-        state["step"] += 1
+        stop = train_step(model, images.contiguous(memory_format=torch.channels_last), target, state, args, ctx)
         state["batch_in_epoch"] += 1
+        part = state["partial"]
         if state["step"] % 10 == 0 and ctx["is_main"] and part["images"] > 0:
             bar.set_postfix(loss=f"{float(part['loss'] / part['images']):.4f}",
                             kl=f"{float(part['kl'] / part['images']):.4f}")
         if stop:
             raise StopRequested(ctx["stop"]["signal"] or "another rank's signal")
     bar.close()
+
+
+def train_step(model, images, target, state, args, ctx):
+    """One optimizer step on a normalized, augmented batch: images (B, 3, h, w) float,
+    target (B, h, w) int64. Adds the batch's loss and KL to state['partial'] and advances
+    state['step']; returns True when a stop signal reached any rank."""
+    device, dtype, table = ctx["device"], ctx["dtype"], ctx["table"]
+    optimizer, scheduler, scaler = ctx["optimizer"], ctx["scheduler"], ctx["scaler"]
+    part = state["partial"]
+    n = images.shape[0]
+    beta = kl_weight_at(state["step"], ctx["total_steps"], args.kl_weight, args.kl_warmup)
+    with autocast(device, dtype):
+        logits, mu, logvar = model(images)
+    recon = segmentation_loss(logits, target, args.loss, table.ignore_index, ctx["class_weights"])
+    kl = kl_loss(mu, logvar, images.shape[-2] * images.shape[-1], args.free_bits)
+    loss = recon + beta * kl if model_config(model).stochastic else recon
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    ok = torch.isfinite(loss)
+    unscaled = bool(args.grad_clip or not scaler.is_enabled())
+    if unscaled:
+        scaler.unscale_(optimizer)
+        # max_norm inf only measures: a non-finite norm would turn every weight into NaN.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        if not scaler.is_enabled():  # fp16's scaler skips such steps itself
+            ok = ok & torch.isfinite(norm)
+    # The step's one host sync, after the backward is queued. Every rank must take the same
+    # branch: one that skipped a step or stopped alone would leave the others waiting in the
+    # next gradient all-reduce.
+    bad, stop = any_rank(ctx, ~ok, ctx["stop"]["signal"] is not None)
+    if bad:
+        if not torch.isfinite(loss):
+            bad = f"loss {float(loss.detach()):g}"
+        elif bool(ok):
+            bad = "a non-finite loss or gradient on another rank"
+        else:
+            bad = f"gradient norm {float(norm):g}"
+        state["nonfinite"] += 1
+        if state["nonfinite"] > args.skip_nonfinite:
+            raise NonFiniteLoss(f"{bad} at epoch {state['epoch'] + 1} step {state['step'] + 1}")
+        if not unscaled:
+            scaler.unscale_(optimizer)  # fp16: records the inf check that update() needs
+        scaler.update()  # fp16: lowers the scale; a no-op otherwise
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+        part["loss"] += loss.detach().double() * n
+        part["kl"] += kl.detach().double() * n
+        part["images"] += n
+    scheduler.step()
+    state["step"] += 1
+    return stop
 
 
 def any_rank(ctx, *flags):
@@ -332,26 +335,10 @@ def new_partial(device):
 
 
 def checkpoint_dict(raw_model, state, args, ctx, full):
-    """A plain dict of state dicts and primitives; loads with weights_only=True."""
-    table = ctx["table"]
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "model": raw_model.state_dict(),
-        "model_config": raw_model.config.to_dict(),
-        "run_config": run_config(args),
-        "classes": list(table.names),
-        "colours": [list(c) if c else None for c in table.colours],
-        "ignore_index": int(table.ignore_index),
-        "image_size": list(ctx["size"]),
-        "epoch": state["epoch"],
-        "step": state["step"],
-        "best_miou": state["best_miou"],
-        "history": state["history"],
-        "temperature": 1.0,
-        "latent_scale": 1.0,
-    }
+    """The run's checkpoint (checkpoint.py's format); `full` adds what --resume needs."""
+    fields = {k: state[k] for k in ("epoch", "step", "best_miou", "history")}
     if full:
-        ckpt.update({
+        fields.update({
             "optimizer": ctx["optimizer"].state_dict(),
             "scheduler": ctx["scheduler"].state_dict(),
             "scaler": ctx["scaler"].state_dict(),
@@ -362,7 +349,7 @@ def checkpoint_dict(raw_model, state, args, ctx, full):
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         })
-    return ckpt
+    return make_checkpoint(raw_model, ctx["table"], ctx["size"], run_config(args), **fields)
 
 
 def run_config(args):
@@ -372,13 +359,8 @@ def run_config(args):
 def write_metrics_csv(path, history, class_names):
     keys = ["epoch", "step", "train_loss", "train_kl", "val_loss", "val_kl", "val_miou", "val_pixel_acc",
             "val_class_acc", "active_latent", "lr", "seconds"]
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(keys + [f"iou_{n}" for n in class_names])
-        for row in history:
-            w.writerow([_fmt(row.get(k)) for k in keys] + [_fmt(v) for v in row.get("val_iou", [])])
-    os.replace(tmp, path)
+    write_csv(path, keys + [f"iou_{n}" for n in class_names],
+              [[_fmt(row.get(k)) for k in keys] + [_fmt(v) for v in row.get("val_iou", [])] for row in history])
 
 
 def metrics_csv_rows(path):
@@ -391,32 +373,6 @@ def metrics_csv_rows(path):
 
 def _fmt(v):
     return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
-
-
-def plot_history(path, history):
-    ep = [h["epoch"] for h in history]
-    fig = new_figure((14, 3.8))
-    axes = fig.subplots(1, 3)
-    axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    if history[0].get("val_loss") is not None:
-        axes[0].plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
-    axes[0].set_title("loss (train: incl. beta * KL)")
-    axes[1].plot(ep, [h["train_kl"] for h in history], "o-", label="train")
-    if history[0].get("val_kl") is not None:
-        axes[1].plot(ep, [h["val_kl"] for h in history], "o-", label="validation")
-    axes[1].set_title("KL (nats per pixel)")
-    if history[0].get("val_miou") is not None:
-        axes[2].plot(ep, [h["val_miou"] for h in history], "o-", color="C2", label="validation")
-    axes[2].set_title("validation mIoU")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if ax.lines:  # without --val_path the mIoU panel is empty; legend() would warn on stderr
-            ax.legend()
-    fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
 
 
 def resolve_output(args):
@@ -526,9 +482,7 @@ def _main(args, rank, world, device, is_main, stop):
         print(f"device {device}, precision {dtype or 'fp32'}, {world} process(es), "
               f"{torch.get_num_threads()} threads, output {out}")
         print("config: " + json.dumps(run_config(args)), flush=True)
-        tmp = out / "config.json.tmp"
-        tmp.write_text(json.dumps(run_config(args), indent=1))
-        os.replace(tmp, out / "config.json")
+        write_json(out / "config.json", run_config(args))
     try:
         train_loop(model, raw_model, train, val, state, args, ctx, out)
     except StopRequested as e:

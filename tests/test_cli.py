@@ -9,7 +9,8 @@ import torch
 from conftest import CAMVID, TINY_MODEL, run
 
 import train
-from test import load_checkpoint, save_map
+from checkpoint import load_checkpoint
+from figures import save_map
 
 
 def test_train_writes_every_output(trained_tiny):

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import CLASSES_CSV, REPO, TINY_MODEL, epochs_of, free_port, metrics_rows, run, write_split
 
-from test import load_checkpoint
+from checkpoint import load_checkpoint
 
 
 def torchrun(*args):

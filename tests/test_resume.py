@@ -17,7 +17,7 @@ from conftest import REPO, TINY_MODEL, epochs_of, metrics_rows
 
 import train
 from dataset import DataError
-from test import load_checkpoint
+from checkpoint import load_checkpoint
 
 # fp32: bit-exact on the CPU, so a resumed run can be compared with == rather than a tolerance.
 RUN = [*TINY_MODEL, "--precision", "fp32"]
