@@ -180,9 +180,9 @@ def training_setup(targs, table, masks, n_train, device, dtype, channels_last=Tr
     torch.manual_seed(targs.seed)
     model = new_model(targs, table, device, channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, weight_decay=targs.weight_decay)
-    total = math.ceil(n_train / targs.batch_size) * targs.epochs
-    warmup = max(1, int(targs.warmup * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_at(s, total, warmup))
+    plan = train.fixed_plan(targs.epochs or train.DEFAULT_EPOCHS, math.ceil(n_train / targs.batch_size), 1, targs)
+    total = plan["total_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: train.lr_at(s, total, plan["warmup_steps"]))
     ctx = {"device": device, "dtype": dtype, "table": table, "optimizer": optimizer, "scheduler": scheduler,
            "rank": 0, "world": 1, "is_main": False,  # no tqdm bar
            "scaler": torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
@@ -343,7 +343,7 @@ def measure_inference(args, table, device, dtype, tmp):
     if ckpt_path is None:  # an untrained model, saved exactly as train.py saves epoch_NNN.pt
         ckpt_path = Path(tmp) / "fresh.pt"
         torch.manual_seed(targs.seed)
-        state = {"epoch": 0, "step": 0, "best_miou": -1.0, "history": []}
+        state = {"epoch": 0, "step": 0, "best_miou": None, "history": [], "plan": None}
         ckpt = train.checkpoint_dict(new_model(targs, table, torch.device("cpu")), state, targs,
                                      {"table": table, "size": tuple(args.image_size)}, full=False)
         save_checkpoint(ckpt, ckpt_path)

@@ -5,6 +5,9 @@ process by train.py, test.py and benchmark.py.
     with autocast(device, dtype): logits = model(x)
 """
 
+import os
+import time
+
 import torch
 
 from dataset import DataError
@@ -38,3 +41,44 @@ def pick_precision(name, device):
 def autocast(device, dtype):
     """One autocast context for the whole project; a no-op for fp32 (dtype None)."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def busy_cores(interval=0.2):
+    """Cores kept busy by other processes, from two readings of /proc/stat `interval` seconds
+    apart while this process sleeps (None where there is no /proc/stat)."""
+    def read():
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = read()
+        time.sleep(interval)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * os.cpu_count()
+
+
+def set_threads(requested=0):
+    """torch's CPU threads. requested > 0: that many. 0: torch's default (one per physical core),
+    less the cores other processes keep busy right now: on a shared machine, threads that wait
+    for a core held by another process stall every parallel op (epochs 20-50x slower were seen
+    with two busy processes). Returns a line for the log when it chose fewer, else ''."""
+    if requested:
+        torch.set_num_threads(requested)
+        return ""
+    default = torch.get_num_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = busy_cores()
+    if busy is None or busy < 0.5:
+        return ""
+    threads = max(1, min(default, usable - round(busy)))
+    if threads == default:
+        return ""
+    torch.set_num_threads(threads)
+    return (f"note: other processes keep about {busy:.1f} of {usable} cores busy; using {threads} thread(s) "
+            f"instead of {default} (set --threads to choose)")

@@ -8,6 +8,7 @@ Every epoch trains, validates (loss, KL, mIoU, per-class IoU, pixel accuracy), s
 epoch_NNN.pt, last.pt and best.pt in --output_dir, rewrites metrics.csv and redraws loss_plot.png.
 """
 
+import copy
 import csv
 import dataclasses
 import gc
@@ -17,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import types
 from datetime import datetime
 from pathlib import Path
 
@@ -31,7 +33,9 @@ from cli import Parser, make_output_dir, refuse, write_csv, write_json
 from evaluate import evaluate, summarize
 from figures import plot_history
 from model import SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
-from runtime import autocast, pick_device, pick_precision
+from runtime import autocast, pick_device, pick_precision, set_threads
+
+DEFAULT_EPOCHS = 8
 
 
 def get_args(argv=None):
@@ -65,7 +69,11 @@ def get_args(argv=None):
     m.add_argument("--stochastic", type=int, default=1, choices=[0, 1],
                    help="sample the latent (0: decode the mean only, the deterministic ablation)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=8, help="epochs to train (in total, also when resuming)")
+    o.add_argument("--epochs", type=int, help=f"epochs to train (in total, also when resuming; default: "
+                   f"{DEFAULT_EPOCHS}, or what fits --time_budget)")
+    o.add_argument("--time_budget", type=float, metavar="MINUTES",
+                   help="fit the whole schedule (epochs, LR and KL warm-up, cosine decay) to this wall-clock "
+                   "budget for the whole run, measured from the first steps (default: none, --epochs)")
     o.add_argument("--batch_size", type=int, default=8, help="images per step, per process")
     o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
     o.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -90,15 +98,28 @@ def get_args(argv=None):
                    help="autocast dtype; auto = bf16 on CPUs with AVX-512 bf16 and on recent GPUs")
     r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     r.add_argument("--eval_batch_size", type=int, default=8, help="images per step in validation")
+    r.add_argument("--keep_epochs", type=int, default=3,
+                   help="epoch_NNN.pt files to keep, the most recent (-1: all, 0: none); best.pt and last.pt "
+                   "are always kept")
     args = p.parse_args(argv)
     check_args(args)
     return args
 
 
 def check_args(args):
-    positive = {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
-                "latent_channels": args.latent_channels, "lr": args.lr}
+    if args.epochs is not None and args.time_budget is not None:
+        raise DataError(f"--epochs {args.epochs} and --time_budget {args.time_budget:g} both set the length of the "
+                        "run; give one of them")
+    if args.ignore_index is not None and not 0 <= args.ignore_index <= 255:
+        raise DataError(f"--ignore_index {args.ignore_index} must be in 0..255 (masks are stored as uint8); "
+                        "give the void label of your masks, or leave it out")
+    if args.keep_epochs < -1:
+        raise DataError(f"--keep_epochs {args.keep_epochs} must be -1 (keep all), 0 or more")
+    positive = {"epochs": args.epochs, "time_budget": args.time_budget, "batch_size": args.batch_size,
+                "eval_batch_size": args.eval_batch_size, "latent_channels": args.latent_channels, "lr": args.lr}
     for name, value in positive.items():
+        if value is None:  # --epochs / --time_budget left out
+            continue
         if not value > 0:
             raise DataError(f"--{name} {value} must be greater than 0")
     for name in ("kl_weight", "free_bits", "grad_clip", "weight_decay", "skip_nonfinite", "threads"):
@@ -132,6 +153,79 @@ def kl_weight_at(step, total_steps, beta, warmup_share):
     decoder learns to use the latent before the KL term pulls it to the prior (Bowman et al. 2016)."""
     ramp = warmup_share * total_steps
     return beta if ramp <= 0 else beta * min(1.0, step / ramp)
+
+
+def rank_seed(seed, rank):
+    """The seed of rank `rank`'s own random streams (latent noise): rank 0 keeps `seed`, so one
+    process trains exactly as without torchrun."""
+    return seed + 1_000_003 * rank
+
+
+def augment_seed(seed, step, rank):
+    """The augmentation draw of `step` on `rank`: reproducible on resume, different per rank (each
+    rank augments its own images)."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+def fixed_plan(epochs, steps_per_epoch, world, args, time_budget=None):
+    """The run's schedule, fixed at its start and kept in every checkpoint: epochs, total steps
+    (per process) and LR warm-up steps."""
+    total = steps_per_epoch * epochs
+    return {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "warmup_steps": max(1, int(args.warmup * total)), "world": world, "batch_size": args.batch_size,
+            "time_budget": time_budget}
+
+
+def epochs_for_budget(budget_s, spent_s, epoch_s, safety=0.97):
+    """Whole epochs that fit what is left of the budget (at least 1)."""
+    return max(1, int((safety * budget_s - spent_s) // epoch_s))
+
+
+def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_start, out, steps=6, warmup=2):
+    """--time_budget: time a few real training steps, a validation batch and a checkpoint save on
+    this machine, then plan as many epochs as fit the budget for the whole run. The model,
+    optimizer and RNG are put back as they were, so the run trains as if unmeasured."""
+    saved = (copy.deepcopy(raw_model.state_dict()), copy.deepcopy(ctx["optimizer"].state_dict()),
+             torch.get_rng_state())
+    probe_ctx = dict(ctx, scheduler=types.SimpleNamespace(step=lambda: None), total_steps=1)
+    probe = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "nonfinite": 0, "partial": new_partial(ctx["device"])}
+    sub = dataset.Split(train.images[:args.batch_size], train.masks[:args.batch_size], [],
+                        train.names[:args.batch_size])
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        probe["batch_in_epoch"] = 0
+        train_one_epoch(model, sub, probe, args, probe_ctx)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = sorted(times)[len(times) // 2]
+    val_s = 0.0
+    if val is not None:
+        n = min(len(val), args.eval_batch_size)
+        t0 = time.perf_counter()
+        evaluate(raw_model, val, num_classes=ctx["table"].num_classes, ignore_index=ctx["table"].ignore_index,
+                 device=ctx["device"], dtype=ctx["dtype"], batch_size=args.eval_batch_size, indices=range(n))
+        val_s = (time.perf_counter() - t0) * math.ceil(len(val) / ctx["world"]) / n
+    t0 = time.perf_counter()
+    save_checkpoint({"model": raw_model.state_dict(), "optimizer": ctx["optimizer"].state_dict()},
+                    out / ".budget_probe.tmp")
+    (out / ".budget_probe.tmp").unlink()
+    save_s = 3 * (time.perf_counter() - t0) + 0.5  # epoch_NNN, best, last; metrics.csv and the plot
+    raw_model.load_state_dict(saved[0])
+    ctx["optimizer"].load_state_dict(saved[1])
+    torch.set_rng_state(saved[2])
+    epoch_s = steps_per_epoch * step_s + val_s + save_s
+    budget_s = 60 * args.time_budget
+    spent = time.time() - t_start
+    epochs = epochs_for_budget(budget_s, spent, epoch_s)
+    if ctx["world"] > 1:  # every rank must plan the same schedule: rank 0's
+        e = torch.tensor([epochs], device=ctx["device"])
+        dist.broadcast(e, 0)
+        epochs = int(e)
+    if ctx["is_main"]:
+        print(f"time budget {args.time_budget:g} min: {step_s:.2f} s per step, {val_s:.1f} s per validation, "
+              f"{epoch_s:.0f} s per epoch, {spent:.0f} s spent before training -> {epochs} epochs")
+    return fixed_plan(epochs, steps_per_epoch, ctx["world"], args, time_budget=args.time_budget)
 
 
 def median_frequency_weights(masks, num_classes, ignore_index):
@@ -251,7 +345,7 @@ def train_one_epoch(model, train, state, args, ctx):
         images = dataset.normalize(train.images[idx].to(device, non_blocking=True))
         target = train.masks[idx].to(device, non_blocking=True).long()
         if args.augment or crop:
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
+            gen = torch.Generator().manual_seed(augment_seed(args.seed, state["step"], ctx["rank"]))
             images, target = dataset.augment(images, target, gen, table.ignore_index, out_size=crop, **fixed)
         stop = train_step(model, images.contiguous(memory_format=torch.channels_last), target, state, args, ctx)
         state["batch_in_epoch"] += 1
@@ -336,7 +430,7 @@ def new_partial(device):
 
 def checkpoint_dict(raw_model, state, args, ctx, full):
     """The run's checkpoint (checkpoint.py's format); `full` adds what --resume needs."""
-    fields = {k: state[k] for k in ("epoch", "step", "best_miou", "history")}
+    fields = {k: state[k] for k in ("epoch", "step", "best_miou", "history", "plan")}
     if full:
         fields.update({
             "optimizer": ctx["optimizer"].state_dict(),
@@ -410,8 +504,9 @@ def main(args):
     # Installed before any work, on every rank: a signal that comes once rank 0 has printed its
     # set-up finds every rank ready for it (torchrun passes signals on to all of them).
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    t_start = time.time()
     try:
-        state = _main(args, rank, world, device, rank == 0, stop)
+        state = _main(args, rank, world, device, rank == 0, stop, t_start)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -425,16 +520,36 @@ def main(args):
     return state
 
 
-def _main(args, rank, world, device, is_main, stop):
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _main(args, rank, world, device, is_main, stop, t_start):
+    threads_note = set_threads(args.threads)
     dtype = pick_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     out, resume = resolve_output(args)
+    created = not out.exists()
     if is_main:
         make_output_dir(out)
         remove_stale_temporaries(out)
+        if threads_note:
+            print(threads_note)
+    try:
+        return _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume)
+    except BaseException:
+        if is_main and created:
+            remove_if_unused(out)
+        raise
+
+
+def remove_if_unused(out):
+    """A run that failed before its first checkpoint leaves no folder behind (only its own
+    config.json would be in it)."""
+    if out.is_dir() and not any(out.glob("*.pt")):
+        (out / "config.json").unlink(missing_ok=True)
+        if not any(out.iterdir()):
+            out.rmdir()
+
+
+def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume):
     if args.train_path and args.val_path is None and is_main:
         print("note: no --val_path; best.pt then follows the training loss")
     train, val, table, size = load_data(args, is_main)
@@ -444,6 +559,7 @@ def _main(args, rank, world, device, is_main, stop):
                        latent_channels=args.latent_channels, skip=bool(args.skip), context=bool(args.context),
                        stochastic=bool(args.stochastic))
     raw_model = SegVAE(config).to(device, memory_format=torch.channels_last)
+    torch.manual_seed(rank_seed(args.seed, rank))  # the same weights everywhere, each rank its own latent noise
     model = raw_model
     if world > 1:
         ids = [device] if device.type == "cuda" else None
@@ -454,38 +570,58 @@ def _main(args, rank, world, device, is_main, stop):
     train = cache_on_device(train, device)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(train) / world) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = max(1, int(args.warmup * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "best_miou": -1.0, "history": [], "nonfinite": 0,
-             "partial": new_partial(device), "stopped_by": None}
-    if resume:
-        restore(resume, raw_model, optimizer, scheduler, scaler, state, device, config, args, world)
+    state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "best_miou": None, "history": [], "nonfinite": 0,
+             "partial": new_partial(device), "stopped_by": None, "plan": None}
+    ctx = {"device": device, "dtype": dtype, "table": table, "optimizer": optimizer, "scaler": scaler,
+           "rank": rank, "world": world, "is_main": is_main, "size": size, "class_weights": class_weights,
+           "stop": stop}
+    ckpt = load_resume(resume, config, args, world, device) if resume else None
+    if ckpt is not None:
+        state["plan"] = ckpt["plan"]
+    elif args.time_budget:
+        state["plan"] = budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_start, out)
+    else:
+        state["plan"] = fixed_plan(args.epochs or DEFAULT_EPOCHS, steps_per_epoch, world, args)
+    plan = state["plan"]
+    ctx["total_steps"] = plan["total_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, plan["total_steps"], plan["warmup_steps"]))
+    ctx["scheduler"] = scheduler
+    if ckpt is not None:
+        restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank)
+        if is_main and metrics_csv_rows(out / "metrics.csv") != len(state["history"]):
+            # a kill between writing last.pt and metrics.csv left the table a row short
+            write_metrics_csv(out / "metrics.csv", state["history"], table.names)
+            plot_history(out / "loss_plot.png", state["history"])
+        if state["epoch"] >= plan["epochs"]:
+            if is_main:
+                print(f"the run in {out} already finished its {plan['epochs']} epochs; nothing to train "
+                      f"(its best.pt and last.pt are unchanged). Start a new run with another --output_dir")
+            return state
         if is_main:
             print(f"resumed from {resume}: {state['epoch']} epochs done, step {state['step']}"
                   + (f", {state['batch_in_epoch']} batches into epoch {state['epoch'] + 1}"
                      if state["batch_in_epoch"] else ""))
-            if metrics_csv_rows(out / "metrics.csv") != len(state["history"]):
-                # a kill between writing last.pt and metrics.csv left the table a row short
-                write_metrics_csv(out / "metrics.csv", state["history"], table.names)
-                plot_history(out / "loss_plot.png", state["history"])
     elif args.resume == "auto" and is_main:
         print(f"--resume auto: no last.pt in {out}, starting a new run")
-    ctx = {"device": device, "dtype": dtype, "table": table, "optimizer": optimizer, "scheduler": scheduler,
-           "scaler": scaler, "rank": rank, "world": world, "is_main": is_main, "size": size,
-           "total_steps": total_steps, "class_weights": class_weights, "stop": stop}
     if is_main:
         print(f"model: {count_parameters(raw_model) / 1e6:.2f}M parameters, {config}")
         print(f"data: {len(train)} train / {len(val) if val else 0} val images at {size[0]}x{size[1]}, "
               f"{table.num_classes} classes, void = {table.ignore_index}")
         print(f"device {device}, precision {dtype or 'fp32'}, {world} process(es), "
               f"{torch.get_num_threads()} threads, output {out}")
+        print(f"schedule: {plan['epochs']} epochs, {plan['total_steps']} steps"
+              + (f", fitted to a {plan['time_budget']:g}-minute budget" if plan.get("time_budget") else ""))
         print("config: " + json.dumps(run_config(args)), flush=True)
-        write_json(out / "config.json", run_config(args))
+        if ckpt is None:  # a resumed run has the same flags (load_resume checks); its config.json stays
+            write_json(out / "config.json", run_config(args))
     try:
         train_loop(model, raw_model, train, val, state, args, ctx, out)
     except StopRequested as e:
+        # every rank is here (the stop is agreed in any_rank): last.pt keeps the training-loss sums
+        # of all ranks, which rank 0 alone carries on after a resume
+        state["partial"] = all_reduce_sums(dict(state["partial"]), world)
         if is_main:
             save_checkpoint(checkpoint_dict(raw_model, state, args, ctx, full=True), out / "last.pt")
             where = (f"{state['batch_in_epoch']} of {steps_per_epoch} steps into epoch {state['epoch'] + 1}"
@@ -508,7 +644,8 @@ def _main(args, rank, world, device, is_main, stop):
 
 def train_loop(model, raw_model, train, val, state, args, ctx, out):
     is_main, device = ctx["is_main"], ctx["device"]
-    while state["epoch"] < args.epochs:
+    epochs = state["plan"]["epochs"]
+    while state["epoch"] < epochs:
         t0 = time.time()
         train_one_epoch(model, train, state, args, ctx)
         part = all_reduce_sums(dict(state["partial"]), ctx["world"])
@@ -531,18 +668,18 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
                         "val_pixel_acc": m["pixel_acc"], "val_class_acc": m["class_acc"],
                         "active_latent": m["active_latent"], "val_iou": m["iou"]})
         row["seconds"] = time.time() - t0
-        score = row.get("val_miou", -row["train_loss"])
+        score = row.get("val_miou", -row["train_loss"])  # without validation: the lowest training loss
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
         state["partial"] = new_partial(device)
         state["history"].append(row)
-        improved = score > state["best_miou"]
+        improved = state["best_miou"] is None or score > state["best_miou"]
         if improved:
             state["best_miou"] = score
         if is_main:
             save_epoch(raw_model, state, args, ctx, out, improved)
-            print(epoch_line(row, args.epochs))
-        if any_rank(ctx, ctx["stop"]["signal"] is not None)[0] and state["epoch"] < args.epochs:
+            print(epoch_line(row, epochs))
+        if any_rank(ctx, ctx["stop"]["signal"] is not None)[0] and state["epoch"] < epochs:
             raise StopRequested(ctx["stop"]["signal"] or "another rank's signal")  # came during validation
 
 
@@ -552,6 +689,10 @@ def save_epoch(raw_model, state, args, ctx, out, improved):
     if improved:
         save_checkpoint(light, out / "best.pt")
     save_checkpoint(checkpoint_dict(raw_model, state, args, ctx, full=True), out / "last.pt")
+    if args.keep_epochs >= 0:  # after last.pt is safe: drop epoch files beyond the most recent few
+        for p in out.glob("epoch_*.pt"):
+            if p.stem[6:].isdigit() and int(p.stem[6:]) <= state["epoch"] - args.keep_epochs:
+                p.unlink()
     write_metrics_csv(out / "metrics.csv", state["history"], ctx["table"].names)
     plot_history(out / "loss_plot.png", state["history"])
 
@@ -564,7 +705,14 @@ def epoch_line(row, epochs):
     return s + f"  ({row['seconds']:.0f}s)"
 
 
-def restore(path, raw_model, optimizer, scheduler, scaler, state, device, config, args, world):
+# Flags that may differ when resuming: where and how fast the run goes, not what it trains.
+RESUME_FREE = {"resume", "output_dir", "threads", "device", "eval_batch_size", "skip_nonfinite", "keep_epochs"}
+
+
+def load_resume(path, config, args, world, device):
+    """The checkpoint to resume from, refused in one line when it cannot continue this run as it
+    was planned: weights only, another model, other flags, or another number of processes (each
+    would silently bend the LR and KL schedules or change what is trained)."""
     ckpt = load_checkpoint(path, device)
     if "optimizer" not in ckpt:
         raise DataError(f"checkpoint {path} holds weights only (epoch_NNN.pt / best.pt); resume from "
@@ -572,23 +720,43 @@ def restore(path, raw_model, optimizer, scheduler, scaler, state, device, config
     if ckpt["model_config"] != config.to_dict():
         raise DataError(f"checkpoint {path} was trained with model {ckpt['model_config']}, but these "
                         f"arguments build {config.to_dict()}; use the same model and data flags to resume")
-    if ckpt["batch_in_epoch"]:  # stopped mid-epoch: the rest of the epoch is replayed batch by batch
-        then = (ckpt["run_config"]["batch_size"], ckpt.get("world_size", 1), ckpt["run_config"]["seed"])
-        if then != (args.batch_size, world, args.seed):
-            raise DataError(f"checkpoint {path} stopped mid-epoch with --batch_size {then[0]}, {then[1]} "
-                            f"process(es) and --seed {then[2]}; resume with the same three (now {args.batch_size}, "
-                            f"{world}, {args.seed}) so the epoch's remaining batches are the same")
+    then, now = ckpt["run_config"], run_config(args)
+    changed = [k for k in sorted(set(then) & set(now)) if k not in RESUME_FREE and then[k] != now[k]]
+    if changed:
+        diff = ", ".join(f"--{k} {_flag(then[k])} (now {_flag(now[k])})" for k in changed)
+        raise DataError(f"checkpoint {path} was trained with {diff}; resume with the flags it was started "
+                        "with, or start a new run in another --output_dir")
+    if ckpt.get("world_size", 1) != world:
+        n = ckpt.get("world_size", 1)
+        how = "without torchrun" if n == 1 else f"with torchrun --nproc_per_node {n}"
+        raise DataError(f"checkpoint {path} was trained by {n} process(es), this run has {world}; resume it "
+                        f"{how} (the schedule counts steps per process)")
+    if "plan" not in ckpt:
+        raise DataError(f"checkpoint {path} has no schedule plan (written by an older version); start a new run")
     build_model(ckpt, path)  # checks the weights fit before anything is overwritten
+    return ckpt
+
+
+def _flag(v):
+    return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank):
     raw_model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     for k in ("epoch", "step", "best_miou", "history", "batch_in_epoch", "nonfinite"):
         state[k] = ckpt[k]
-    state["partial"] = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in ckpt["partial"].items()}
-    torch.set_rng_state(ckpt["rng_cpu"].cpu())
-    if ckpt["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
+    # last.pt holds the sums of all ranks: rank 0 carries them on, the others start from zero
+    state["partial"] = {k: torch.tensor(v if rank == 0 else 0.0, dtype=torch.float64, device=device)
+                        for k, v in ckpt["partial"].items()}
+    if rank == 0:
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())
+        if ckpt["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng_cuda"]])
+    else:  # only rank 0's RNG is saved; the others get fresh noise of their own
+        torch.manual_seed(rank_seed(ckpt["run_config"]["seed"] + ckpt["step"], rank))
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def resume_mid_epoch_other_batch_size(root, run_dir):
     ckpt["batch_in_epoch"] = 1  # as if stopped by a signal after the first step of an epoch
     p = root / "mid_epoch.pt"
     torch.save(ckpt, p)
-    return train_cmd(root, split(root), "--resume", p, "--batch_size", 2), [p, "--batch_size 4", "mid-epoch"]
+    return train_cmd(root, split(root), "--resume", p, "--batch_size", 2), [p, "--batch_size 4 (now 2)"]
 
 
 @case

@@ -175,7 +175,8 @@ def test_sigkill_at_random_instants_loses_nothing(tiny_data, tmp_path):
     epochs = 20
 
     def start(out, *extra):
-        p = mp.Process(target=_train_child, args=(argv(tiny_data, out, "--epochs", epochs, *extra),
+        p = mp.Process(target=_train_child, args=(argv(tiny_data, out, "--epochs", epochs, "--keep_epochs", -1,
+                                                        *extra),
                                                   str(tmp_path / f"{out.name}.log")))
         p.start()
         return p

@@ -1,0 +1,194 @@
+"""train.py's contracts that a careless change breaks quietly: best.pt without validation, one
+random stream per torchrun rank, resume refusing what would bend the schedule, the time budget,
+and the outputs a run keeps or leaves behind."""
+
+import json
+import types
+
+import pytest
+import torch
+from conftest import TINY_MODEL, assert_refused, run
+
+import train
+from checkpoint import load_checkpoint
+from dataset import DataError
+
+RUN = [*TINY_MODEL, "--precision", "fp32"]
+
+
+def argv(data, out, *extra, val=True):
+    return ["--train_path", str(data / "train"), *(["--val_path", str(data / "val")] if val else []), *RUN,
+            "--output_dir", str(out), *map(str, extra)]
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_best_pt_without_validation_even_when_the_loss_stays_above_one(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    state = train.main(train.get_args(argv(tiny_data, out, "--epochs", 1, "--kl_weight", 50, val=False)))
+    assert state["history"][0]["train_loss"] > 1  # the case that used to write no best.pt
+    assert load_checkpoint(out / "best.pt")["epoch"] == 1
+
+
+def test_each_rank_draws_its_own_augmentation_and_latent_noise():
+    assert len({train.augment_seed(0, 5, r) for r in range(4)}) == 4
+    assert len({train.augment_seed(0, s, 0) for s in range(1000)}) == 1000
+    assert train.rank_seed(7, 0) == 7 and len({train.rank_seed(7, r) for r in range(4)}) == 4
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(train.rank_seed(0, rank))
+        draws.append(torch.randn(8))
+    assert not torch.equal(*draws)
+
+
+def test_restored_loss_sums_are_counted_once(tiny_data, tmp_path):
+    """last.pt holds the sums of all ranks: after a resume rank 0 carries them, the others start at 0."""
+    out = tmp_path / "run"
+    train.main(train.get_args(argv(tiny_data, out, "--epochs", 1)))
+    ckpt = load_checkpoint(out / "last.pt")
+    ckpt["partial"] = {"loss": 6.0, "kl": 1.0, "images": 4.0}
+    model, _, _ = _fresh(ckpt)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    sums = []
+    for rank in (0, 1):
+        state = {}
+        train.restore(ckpt, model, opt, sched, scaler, state, torch.device("cpu"), rank)
+        sums.append(float(state["partial"]["loss"]))
+    assert sums == [6.0, 0.0]
+
+
+def _fresh(ckpt):
+    from checkpoint import build_model
+
+    return build_model(ckpt), None, None
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", 3), ("--batch_size", 2), ("--lr", 0.5),
+                                         ("--image_size", "48 64")])
+def test_resume_refuses_changed_flags(tiny_data, tmp_path, flag, value):
+    out = tmp_path / "run"
+    train.main(train.get_args(argv(tiny_data, out, "--epochs", 2)))
+    before = (out / "config.json").read_text()
+    extra = [flag, *str(value).split()]
+    if flag == "--epochs":
+        extra = ["--epochs", 3]
+        args = argv(tiny_data, out, "--resume", "auto", *extra)
+    else:
+        args = argv(tiny_data, out, "--epochs", 2, "--resume", "auto", *extra)
+    if flag == "--image_size":  # the last --image_size on the line wins
+        args = args + ["--image_size", "48", "64"]
+    with pytest.raises(DataError, match=f"{flag} .* \\(now"):
+        train.main(train.get_args(args))
+    assert (out / "config.json").read_text() == before
+
+
+def test_resume_refuses_another_number_of_processes(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = train.get_args(argv(tiny_data, out, "--epochs", 1))
+    train.main(args)
+    config = load_checkpoint(out / "last.pt")
+    from model import VAEConfig
+
+    with pytest.raises(DataError, match="1 process.*this run has 2.*without torchrun"):
+        train.load_resume(out / "last.pt", VAEConfig.from_dict(config["model_config"]), args, 2, "cpu")
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.main(train.get_args(argv(tiny_data, out, "--epochs", 1)))
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = run("train.py", *argv(tiny_data, out, "--epochs", 1, "--resume", "auto"))
+    assert r.returncode == 0, r.stderr
+    assert "already finished" in r.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files
+
+
+def test_ignore_index_outside_uint8_is_refused(tiny_data, tmp_path):
+    r = run("train.py", *argv(tiny_data, tmp_path / "run", "--ignore_index", 300))
+    assert_refused(r, "--ignore_index 300")
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_run_leaves_no_empty_folder(tmp_path):
+    out = tmp_path / "run"
+    r = run("train.py", "--train_path", tmp_path / "nowhere", "--output_dir", out)
+    assert_refused(r, "nowhere")
+    assert not out.exists()
+
+
+def test_keep_epochs_keeps_the_most_recent(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.main(train.get_args(argv(tiny_data, out, "--epochs", 4, "--keep_epochs", 2)))
+    assert sorted(p.name for p in out.glob("epoch_*.pt")) == ["epoch_003.pt", "epoch_004.pt"]
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+
+
+def test_help_never_ends_in_default_none():
+    for script in ("train.py", "test.py"):
+        r = run(script, "--help")
+        assert r.returncode == 0
+        assert "(default: None)" not in r.stdout, script
+
+
+# ---------------------------------------------------------------------------------------------
+# --time_budget
+
+
+def test_epochs_for_budget():
+    assert train.epochs_for_budget(600, 0, 60, safety=1.0) == 10
+    assert train.epochs_for_budget(600, 60, 60, safety=1.0) == 9  # start-up counts against the budget
+    assert train.epochs_for_budget(600, 0, 7000) == 1  # at least one epoch
+    assert train.epochs_for_budget(1200, 30, 35) == 32  # 0.97 * 1200 - 30 = 1134 s -> 32 epochs of 35 s
+
+
+def test_time_budget_plans_the_whole_schedule_and_resume_keeps_it(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 0.05)))
+    plan = state["plan"]
+    assert plan["time_budget"] == 0.05 and plan["epochs"] >= 1
+    assert plan["total_steps"] == plan["epochs"] * plan["steps_per_epoch"] == state["step"]
+    # the cosine schedule ends at 0 exactly at the planned end
+    assert state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["plan"] == plan
+    # A resume keeps the plan: no new measurement even when this machine is now much slower.
+    monkeypatch.setattr(train, "budget_plan", lambda *a, **k: pytest.fail("resume measured again"))
+    ckpt["epoch"] = ckpt["history"][0]["epoch"]  # pretend it stopped after its first epoch
+    ckpt["history"] = ckpt["history"][:1]
+    from checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt, out / "last.pt")
+    state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 0.05, "--resume", "auto")))
+    assert state["plan"] == plan and state["epoch"] == plan["epochs"]
+    assert json.loads((out / "config.json").read_text())["time_budget"] == 0.05
+
+
+def test_time_budget_and_epochs_are_exclusive(tiny_data, tmp_path):
+    r = run("train.py", *argv(tiny_data, tmp_path / "run", "--epochs", 3, "--time_budget", 5))
+    assert_refused(r, "--epochs 3", "--time_budget 5")
+
+
+def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monkeypatch):
+    """Planning by the clock must not change what is trained: a --time_budget run whose plan
+    comes out at N epochs equals an --epochs N run (warm-up share and all)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    sa = train.main(train.get_args(argv(tiny_data, a, "--time_budget", 0.05)))
+    epochs = sa["plan"]["epochs"]
+    monkeypatch.setattr(train, "fixed_plan", _with_budget(train.fixed_plan, 0.05))
+    train.main(train.get_args(argv(tiny_data, b, "--epochs", epochs)))
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    for name, t in ca["model"].items():
+        assert torch.equal(t, cb["model"][name]), name
+
+
+def _with_budget(fixed_plan, budget):
+    def plan(epochs, steps_per_epoch, world, args, time_budget=None):
+        return fixed_plan(epochs, steps_per_epoch, world, types.SimpleNamespace(**vars(args)), time_budget=budget)
+    return plan
