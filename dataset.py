@@ -14,6 +14,7 @@ Write the built-in demo set to disk (images/ + masks/ layout, with its class tab
 import argparse
 import csv
 import math
+import sys
 import warnings
 
 from concurrent.futures import ThreadPoolExecutor
@@ -240,6 +241,39 @@ def _pairs_from_list(list_path):
     if not pairs:
         raise DataError(f"list file {list_path} lists no 'image_path mask_path' pairs")
     return pairs
+
+
+def sequence_of(path):
+    """The video sequence of a frame: its file name up to the first underscore (CamVid:
+    0016E5_07959.png -> 0016E5, Seq05VD_f00000.png -> Seq05VD)."""
+    return Path(path).stem.split("_", 1)[0]
+
+
+def write_sequence_split(paths, holdout, out_dir):
+    """Pool the pairs of the splits in `paths` and write two list files to `out_dir`: train.txt
+    with every frame of the other sequences and holdout.txt with every frame of the sequences in
+    `holdout`. Validating on whole unseen sequences predicts held-out scenes; frames of one
+    sequence in both train and val (as in CamVid's val) do not. Returns the two paths and counts."""
+    pairs = [pair for path in paths for pair in find_pairs(path)]
+    seqs = sorted({sequence_of(i) for i, _ in pairs})
+    unknown = sorted(set(holdout) - set(seqs))
+    if unknown:
+        raise DataError(f"--holdout {' '.join(unknown)} names no sequence of {' '.join(map(str, paths))}; "
+                        f"its sequences are {' '.join(seqs)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = {"train": [p for p in pairs if sequence_of(p[0]) not in holdout],
+             "holdout": [p for p in pairs if sequence_of(p[0]) in holdout]}
+    if not parts["train"]:
+        raise DataError(f"--holdout {' '.join(holdout)} holds out every sequence; keep at least one to train on")
+    table = find_class_table(paths[0])
+    if table:  # the list files' folder then finds it, as the split folders did
+        (out_dir / table.name).write_bytes(table.read_bytes())
+    written = {}
+    for name, ps in parts.items():
+        (out_dir / f"{name}.txt").write_text("".join(f"{Path(i).resolve()} {Path(m).resolve()}\n" for i, m in ps))
+        written[name] = (out_dir / f"{name}.txt", len(ps))
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,8 +543,24 @@ def write_demo(root):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write_demo", required=True, metavar="DIR",
+    parser.add_argument("--write_demo", metavar="DIR",
                         help="folder to write the demo set to (train/ and val/ with images/ and masks/)")
-    root = write_demo(parser.parse_args().write_demo)
-    print(f"wrote the demo set to {root}/train and {root}/val (class table {root}/classes.csv)")
-
+    parser.add_argument("--sequence_split", nargs="+", metavar="SPLIT",
+                        help="splits to pool and divide by video sequence into train.txt and holdout.txt")
+    parser.add_argument("--holdout", nargs="+", default=[], help="with --sequence_split: the sequences to hold out")
+    parser.add_argument("--out", default="splits", help="with --sequence_split: folder for the list files")
+    cli = parser.parse_args()
+    try:
+        if cli.write_demo:
+            root = write_demo(cli.write_demo)
+            print(f"wrote the demo set to {root}/train and {root}/val (class table {root}/classes.csv)")
+        elif cli.sequence_split:
+            if not cli.holdout:
+                raise DataError("--sequence_split needs --holdout SEQUENCE (e.g. 0006R0)")
+            for name, (path, n) in write_sequence_split(cli.sequence_split, cli.holdout, cli.out).items():
+                print(f"{name}: {n} pairs in {path}")
+        else:
+            parser.error("give --write_demo DIR or --sequence_split SPLIT ... --holdout SEQ")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
