@@ -406,7 +406,8 @@ def normalize(images):
 # augmentation
 
 
-def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True, jitter=0.2, out_size=None):
+def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True, jitter=0.2, out_size=None,
+            rotate=0.0):
     """Random zoom, shift and horizontal flip applied jointly to a batch of images (bilinear)
     and masks (nearest: labels are never interpolated), plus brightness/contrast/saturation
     jitter on the images. One batched grid_sample instead of a Python loop per sample.
@@ -433,6 +434,11 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = fx * sign, tx
     theta[:, 1, 1], theta[:, 1, 2] = fy, ty
+    if rotate:  # a rotation by a in pixel space, in normalized coordinates: x_in/W_in = R (x_out/W_out) W_out/W_in
+        a = u(-rotate, rotate) * math.pi / 180
+        cos, sin = torch.cos(a), torch.sin(a)
+        theta[:, 0, 0], theta[:, 0, 1] = fx * cos * sign, -sin * (h / s) / big_w
+        theta[:, 1, 0], theta[:, 1, 1] = sin * (w / s) / big_h * sign, fy * cos
     theta = theta.to(dev)
     grid = F.affine_grid(theta, [b, images.shape[1], h, w], align_corners=False)  # (B, h, w, 2)
     out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="reflection",

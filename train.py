@@ -58,6 +58,8 @@ def get_args(argv=None):
                    "whole images at --image_size)")
     d.add_argument("--augment", type=int, default=1, choices=[0, 1],
                    help="random zoom/shift/flip and colour jitter on training batches")
+    d.add_argument("--rotate", type=float, default=0.0, metavar="DEGREES",
+                   help="random rotation of training images and masks, up to this many degrees either way")
     d.add_argument("--scale", type=float, nargs=2, default=[0.75, 1.5], metavar=("MIN", "MAX"),
                    help="range of the random zoom (log-uniform; >1 magnifies)")
     m = p.add_argument_group("model")
@@ -87,6 +89,9 @@ def get_args(argv=None):
     o.add_argument("--kl_warmup", type=float, default=0.2, help="share of steps over which beta ramps up from 0")
     o.add_argument("--free_bits", type=float, default=0.0, help="KL floor in nats per latent element")
     o.add_argument("--grad_clip", type=float, default=5.0, help="clip the gradient norm (0: off)")
+    o.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights with this decay per "
+                   "step, e.g. 0.999 (0: off, the weights as trained)")
     o.add_argument("--skip_nonfinite", type=int, default=0,
                    help="steps with a non-finite loss to skip before stopping the run")
     r = p.add_argument_group("run")
@@ -127,6 +132,10 @@ def check_args(args):
             raise DataError(f"--{name} {getattr(args, name)} must not be negative")
     if not 0 <= args.warmup < 1 or not 0 <= args.kl_warmup <= 1:
         raise DataError("--warmup must be in [0, 1) and --kl_warmup in [0, 1]")
+    if not 0 <= args.ema < 1:
+        raise DataError(f"--ema {args.ema} must be in [0, 1): the decay per step, e.g. 0.999, or 0 for none")
+    if not 0 <= args.rotate <= 180:
+        raise DataError(f"--rotate {args.rotate} must be in 0..180 degrees")
     if not 0 < args.scale[0] <= args.scale[1]:
         raise DataError(f"--scale {args.scale[0]} {args.scale[1]} must be two positive numbers, MIN <= MAX")
     if any(w < 1 for w in args.widths):
@@ -335,7 +344,8 @@ def train_one_epoch(model, train, state, args, ctx):
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     model.train()
     crop = tuple(args.crop_size) if args.crop_size else None
-    fixed = dict(scale=tuple(args.scale)) if args.augment else dict(scale=(1, 1), flip=False, jitter=0)
+    fixed = (dict(scale=tuple(args.scale), rotate=args.rotate) if args.augment
+             else dict(scale=(1, 1), flip=False, jitter=0))
     bar = tqdm(batches, initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
                disable=None if ctx["is_main"] else True, leave=False, dynamic_ncols=True)  # None: terminal only
     bar_iter = iter(bar)
@@ -403,6 +413,8 @@ def train_step(model, images, target, state, args, ctx):
     else:
         scaler.step(optimizer)
         scaler.update()
+        if ctx.get("ema") is not None:
+            update_ema(ctx["ema"], getattr(model, "module", model), args.ema, state["step"])
         part["loss"] += loss.detach().double() * n
         part["kl"] += kl.detach().double() * n
         part["images"] += n
@@ -424,6 +436,22 @@ def model_config(model):
     return getattr(model, "module", model).config
 
 
+def update_ema(ema, model, decay, step):
+    """ema <- decay * ema + (1 - decay) * weights, the decay ramped up from 0.1 over the first steps
+    so the average does not start from random weights (as in TensorFlow's ExponentialMovingAverage
+    with num_updates); buffers (BN statistics) are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def eval_model(raw_model, ctx):
+    """The weights that are validated and saved for test.py: the moving average with --ema."""
+    return ctx["ema"] if ctx.get("ema") is not None else raw_model
+
+
 def new_partial(device):
     return {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "kl", "images")}
 
@@ -432,6 +460,8 @@ def checkpoint_dict(raw_model, state, args, ctx, full):
     """The run's checkpoint (checkpoint.py's format); `full` adds what --resume needs."""
     fields = {k: state[k] for k in ("epoch", "step", "best_miou", "history", "plan")}
     if full:
+        if ctx.get("ema") is not None:  # "model" holds the average; resume needs the trained weights too
+            fields["train_model"] = raw_model.state_dict()
         fields.update({
             "optimizer": ctx["optimizer"].state_dict(),
             "scheduler": ctx["scheduler"].state_dict(),
@@ -443,7 +473,7 @@ def checkpoint_dict(raw_model, state, args, ctx, full):
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         })
-    return make_checkpoint(raw_model, ctx["table"], ctx["size"], run_config(args), **fields)
+    return make_checkpoint(eval_model(raw_model, ctx), ctx["table"], ctx["size"], run_config(args), **fields)
 
 
 def run_config(args):
@@ -588,8 +618,9 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, plan["total_steps"], plan["warmup_steps"]))
     ctx["scheduler"] = scheduler
+    ctx["ema"] = copy.deepcopy(raw_model).eval().requires_grad_(False) if args.ema else None
     if ckpt is not None:
-        restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank)
+        restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank, ctx["ema"])
         if is_main and metrics_csv_rows(out / "metrics.csv") != len(state["history"]):
             # a kill between writing last.pt and metrics.csv left the table a row short
             write_metrics_csv(out / "metrics.csv", state["history"], table.names)
@@ -655,11 +686,11 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
         if ctx["world"] > 1:
             # BN running statistics drift apart per rank; evaluate every shard with rank 0's,
             # which are the ones the checkpoint holds.
-            for b in raw_model.buffers():
+            for b in eval_model(raw_model, ctx).buffers():
                 dist.broadcast(b, 0)
         if val is not None:
             shard = range(ctx["rank"], len(val), ctx["world"])
-            sums = evaluate(raw_model, val, num_classes=ctx["table"].num_classes,
+            sums = evaluate(eval_model(raw_model, ctx), val, num_classes=ctx["table"].num_classes,
                             ignore_index=ctx["table"].ignore_index, device=device, dtype=ctx["dtype"],
                             batch_size=args.eval_batch_size, loss_kind=args.loss,
                             class_weights=ctx["class_weights"], indices=shard)
@@ -741,8 +772,10 @@ def _flag(v):
     return " ".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
-def restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank):
-    raw_model.load_state_dict(ckpt["model"])
+def restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank, ema=None):
+    raw_model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+    if ema is not None:
+        ema.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])

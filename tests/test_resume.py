@@ -34,8 +34,10 @@ def assert_same_run(a, b):
     ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
     for k in ("epoch", "step", "best_miou", "batch_in_epoch", "nonfinite", "scheduler", "scaler"):
         assert ca[k] == cb[k], k
-    for name, t in ca["model"].items():
-        assert torch.equal(t, cb["model"][name]), name
+    for key in ("model", "train_model"):  # train_model: the trained weights beside an --ema average
+        assert (key in ca) == (key in cb)
+        for name, t in ca.get(key, {}).items():
+            assert torch.equal(t, cb[key][name]), (key, name)
     for i, s in ca["optimizer"]["state"].items():
         for k, t in s.items():
             assert torch.equal(t, cb["optimizer"]["state"][i][k]), (i, k)
@@ -59,12 +61,12 @@ def keep_torch_threads():
 # resume
 
 
-@pytest.mark.parametrize("augment", [0, 1])
+@pytest.mark.parametrize("augment", [["--augment", 0], ["--augment", 1], ["--ema", 0.9, "--rotate", 20]])
 def test_stop_mid_epoch_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch, augment):
     """3 epochs straight, versus a run that a real SIGTERM stops after the first step of epoch 2
     (8 images, batch 4: 2 steps an epoch) and that --resume auto then finishes."""
     full, part = tmp_path / "full", tmp_path / "part"
-    train.main(train.get_args(argv(tiny_data, full, "--epochs", 3, "--augment", augment)))
+    train.main(train.get_args(argv(tiny_data, full, "--epochs", 3, *augment)))
 
     kl_weight_at = train.kl_weight_at
 
@@ -75,14 +77,14 @@ def test_stop_mid_epoch_and_resume_equals_uninterrupted(tiny_data, tmp_path, mon
 
     monkeypatch.setattr(train, "kl_weight_at", signal_at_step_2)
     with pytest.raises(SystemExit) as stop:
-        train.main(train.get_args(argv(tiny_data, part, "--epochs", 3, "--augment", augment)))
+        train.main(train.get_args(argv(tiny_data, part, "--epochs", 3, *augment)))
     assert stop.value.code == 143
     monkeypatch.setattr(train, "kl_weight_at", kl_weight_at)
     stopped = load_checkpoint(part / "last.pt")
     assert (stopped["epoch"], stopped["batch_in_epoch"], stopped["step"]) == (1, 1, 3)  # step 3 was finished
     assert epochs_of(metrics_rows(part)) == [1]
 
-    state = train.main(train.get_args(argv(tiny_data, part, "--epochs", 3, "--augment", augment, "--resume", "auto")))
+    state = train.main(train.get_args(argv(tiny_data, part, "--epochs", 3, *augment, "--resume", "auto")))
     assert state["epoch"] == 3 and state["step"] == 6
     assert_same_run(full, part)
 

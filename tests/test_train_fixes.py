@@ -192,3 +192,46 @@ def _with_budget(fixed_plan, budget):
     def plan(epochs, steps_per_epoch, world, args, time_budget=None):
         return fixed_plan(epochs, steps_per_epoch, world, types.SimpleNamespace(**vars(args)), time_budget=budget)
     return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# augmentation levers
+
+
+def test_rotation_is_a_rotation_in_pixel_space_and_keeps_masks_aligned():
+    """On a non-square image the sampled input points of neighbouring output pixels stay one
+    pixel apart and at right angles (a rotation, not a shear), and masks follow the image."""
+    import dataset
+
+    rows, cols = torch.meshgrid(torch.arange(60.0), torch.arange(80.0), indexing="ij")
+    images = torch.stack([cols, rows, torch.zeros(60, 80)])[None].repeat(8, 1, 1, 1)  # pixel coordinates
+    masks = ((rows // 10) * 8 + cols // 10).long()[None].repeat(8, 1, 1)  # 10x10 blocks, one label each
+    out, out_masks = dataset.augment(images, masks, torch.Generator().manual_seed(0), 255, scale=(1.0, 1.0),
+                                     flip=True, jitter=0, rotate=30.0)
+    x, y = out[:, 0, 20:40, 25:55], out[:, 1, 20:40, 25:55]  # inside: no reflection at the borders
+    dx = torch.stack([x[:, :, 1:] - x[:, :, :-1], y[:, :, 1:] - y[:, :, :-1]])[..., :-1, :]
+    dy = torch.stack([x[:, 1:] - x[:, :-1], y[:, 1:] - y[:, :-1]])[..., :-1]
+    assert torch.allclose(dx.norm(dim=0), torch.ones(()), atol=1e-3)
+    assert torch.allclose(dy.norm(dim=0), torch.ones(()), atol=1e-3)
+    assert (dx * dy).sum(0).abs().max() < 1e-3
+    angles = torch.atan2(dx[1, :, 0, 0], dx[0, :, 0, 0]).abs() * 180 / torch.pi
+    assert angles.max() > 5  # something rotated
+    ok = (out_masks != 255)
+    from_image = ((out[:, 1].round() // 10) * 8 + out[:, 0].round() // 10).long()  # nearest pixel
+    assert (from_image == out_masks)[ok].float().mean() > 0.99  # only ties at pixel centres may differ
+
+
+def test_ema_weights_are_what_is_validated_and_saved(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.main(train.get_args(argv(tiny_data, out, "--epochs", 2, "--ema", 0.9)))
+    last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert "train_model" in last and "train_model" not in best
+    name = next(k for k in last["model"] if k.endswith("weight"))
+    assert not torch.equal(last["model"][name], last["train_model"][name])  # the average, not the weights
+    # with decay ramped as min(0.9, (1 + step) / (10 + step)) the average trails the trained weights
+    # but stays closer to them than to the initial weights
+    torch.manual_seed(0)
+    from model import SegVAE, VAEConfig
+
+    init = SegVAE(VAEConfig.from_dict(last["model_config"])).state_dict()[name]
+    assert (last["model"][name] - last["train_model"][name]).norm() < (init - last["train_model"][name]).norm()
