@@ -158,17 +158,17 @@ def save_samples(path, image, samples, pal, table, annotations=()):
 
 
 def save_reliability(path, meters):
-    """Reliability diagram (15 bins) and accuracy versus coverage of each uncertainty score."""
+    """Reliability diagram (15 bins) of the prediction and accuracy versus coverage of each
+    uncertainty map. meters: {map name: UncertaintyMeter}, all fed the same probabilities, so
+    any one of them gives the reliability."""
     fig = new_figure((11, 4.5))
     axes = fig.subplots(1, 2)
-    for name, label in (("sampled_entropy", "sampled mean"), ("mean_softmax_entropy", "mean latent")):
-        if name in meters:
-            r = meters[name].reliability()
-            axes[0].plot(r["confidence"], r["accuracy"], "o-", label=label)
+    r = next(iter(meters.values())).reliability()
+    axes[0].plot(r["confidence"], r["accuracy"], "o-", label="prediction")
     axes[0].plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     axes[0].set(xlabel="confidence", ylabel="accuracy", title="reliability diagram (15 bins)")
-    for name, res in meters.items():
-        curve = res.compute()["curve"]
+    for name, meter in meters.items():
+        curve = meter.compute()["curve"]
         axes[1].plot(curve["coverage"], curve["accuracy"], label=name.replace("_", " "))
     axes[1].set(xlabel="coverage (most certain pixels kept)", ylabel="pixel accuracy",
                 title="accuracy versus coverage")
