@@ -4,7 +4,9 @@ model from a checkpoint alone.
 A checkpoint is a plain dict of state dicts and primitives that loads with
 torch.load(path, weights_only=True): the model's weights and config, the class table (names,
 colours, void label and colour), the training size, the run's flags and history, and, in
-last.pt only, the optimizer, scheduler, scaler and RNG state that --resume needs.
+last.pt only, the optimizer, scheduler, scaler and RNG state that --resume needs. A file that
+test.py --calibrate writes (best.calibrated.pt) adds "calibration": {settings: {"temperature",
+...}}, one temperature per --samples/--flip/--resolution it was fitted for.
 
     ckpt = load_checkpoint("runs/x/best.pt"); model = build_model(ckpt, "runs/x/best.pt")
 """
@@ -37,7 +39,6 @@ def make_checkpoint(model, table, image_size, run_config, **fields):
         "ignore_index": int(table.ignore_index),
         "void_colour": list(table.void_colour) if table.void_colour else None,
         "image_size": list(image_size),
-        "temperature": 1.0,
         **fields,
     }
 

@@ -36,7 +36,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+        # `is`, not `in (None, False)`: 0 == False, and a default of 0 must be shown
+        if "default" in text or any(action.default is v for v in (None, argparse.SUPPRESS, False)) \
+                or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
 

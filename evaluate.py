@@ -1,43 +1,34 @@
-"""Running a trained model over images and labelled splits: probabilities of sampled latents,
-the validation sums behind mIoU, calibration and error-detection meters, and temperature fitting.
-Used by train.py (validation every epoch) and test.py (inference and evaluation).
+"""Running a trained model over images and labelled splits: the validation sums behind mIoU
+(train.py, every epoch), and for test.py one definition of a prediction (Predictor), the
+scores of a split accumulated from it image by image (SplitScores), and temperature fitting.
 
     sums = evaluate(model, split, num_classes=11, ignore_index=11, device=device, dtype=None)
     print(format_scores(summarize(sums), class_names))
+
+    p = Predictor(model, device, dtype, image_size=(288, 384), samples=8, flip=True)
+    probs = p.probs(p.logits([image])[0], image.shape[-2:])  # (8, C, H, W) at the image's size
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
 from dataset import normalize, resize_image
-from metrics import UncertaintyMeter, confusion_matrix, scores, softmax_entropy, uncertainty_maps
+from metrics import UncertaintyMeter, confusion_matrix, scores
 from model import active_channels, kl_per_channel, segmentation_loss
 from runtime import autocast
 
 
-def forward_probs(model, images, device, dtype, samples=1, temperature=1.0, latent_scale=1.0,
-                  flip=False, generator=None):
-    """Softmax probabilities of `samples` latent draws: (S, B, C, H, W) float32.
-    images: uint8 (B, 3, H, W). flip=True averages with the mirrored image (test-time flip)."""
-
-    x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), autocast(device, dtype):
-        logits = model.sample(x, samples, generator=generator, latent_scale=latent_scale)
-        probs = (logits.float() / temperature).softmax(dim=2)
-        if flip:
-            flipped = model.sample(x.flip(-1), samples, generator=generator, latent_scale=latent_scale)
-            probs = 0.5 * (probs + (flipped.float() / temperature).softmax(dim=2).flip(-1))
-    return probs
-
-
 def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_size=8,
-             loss_kind="ce", class_weights=None, indices=None, flip=False, progress=None):
+             loss_kind="ce", class_weights=None, indices=None, progress=None):
     """Validation sums over `split` (or the subset `indices`, for one rank's shard): a dict of
     tensors that add across ranks. `summarize` turns them into metrics. The loss is computed at
-    the training size; the confusion matrix at each label's own resolution, as papers report."""
+    the training size; the confusion matrix at each label's own resolution, as papers report.
+    The prediction is the argmax of the mean latent's logits upsampled to the label, the same
+    as test.py's Predictor with one sample, no flip and the training resolution."""
 
     model.eval()
     indices = list(range(len(split))) if indices is None else list(indices)
@@ -58,8 +49,6 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
         x = normalize(images).contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(device, dtype):
             logits, mu, logvar = model(x)
-            if flip:
-                logits = 0.5 * (logits + model(x.flip(-1))[0].flip(-1))
         logits = logits.float()
         n = len(idx)
         sums["loss"] += segmentation_loss(logits, target, loss_kind, ignore_index, class_weights).double() * n
@@ -98,81 +87,205 @@ def format_scores(metrics, class_names):
     return "\n".join(lines)
 
 
-def segment_image(model, image, image_size, device, dtype, samples=1, temperature=1.0,
-                  latent_scale=1.0, seed=0):
-    """image: uint8 (3, H, W) at any size -> probs (S, C, H, W) at the image's own size."""
-
-    small = resize_image(image, image_size)[None]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    probs = forward_probs(model, small, device, dtype, samples, temperature, latent_scale,
-                          generator=gen)[:, 0]  # (S, C, h, w)
-    return F.interpolate(probs, size=image.shape[-2:], mode="bilinear", align_corners=False).cpu()
+# ---------------------------------------------------------------------------------------------
+# test.py's predictions
 
 
-def evaluate_uncertainty(model, split, table, device, dtype, samples, temperature=1.0, latent_scale=1.0,
-                         seed=0, batch_size=8, progress=None):
-    """Calibration and error detection over a split, at each label's resolution. Three scores
-    rank pixels by uncertainty: the predictive entropy and the mutual information of `samples`
-    latent draws (calibration from their mean), and the softmax entropy of the mean-latent
-    prediction (calibration from it), so the gain from sampling is visible."""
-
-    c, void = table.num_classes, table.ignore_index
-    # The meters bin scores into 1000 bins. Mutual information spans several orders of magnitude
-    # below log C, so scores are binned on a log scale: u -> log(1 + u / 1e-6). The map is
-    # monotone, so AUROC and coverage (which depend only on the ranking) are unchanged by it
-    # except for fewer ties.
-    eps = 1e-6
-
-    def scale(u):
-        return torch.log1p(u.float() / eps)
-
-    meters = {name: UncertaintyMeter(c, void, math.log1p(math.log(c) / eps))
-              for name in ("sampled_entropy", "sampled_mutual_info", "mean_softmax_entropy")}
-    gen = torch.Generator(device=device).manual_seed(seed)
-    chunks = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
-    for idx in progress(chunks, desc="uncertainty", leave=False) if progress else chunks:
-        images = split.images[idx]
-        maps = uncertainty_maps(forward_probs(model, images, device, dtype, samples, temperature,
-                                              latent_scale, generator=gen))
-        mean_latent = forward_probs(model, images, device, dtype, 1, temperature)[0]  # (B, C, h, w)
-        for j, i in enumerate(idx):
-            label = split.label_masks[i][None].to(device).long()  # (1, H, W)
-
-            def up(t, j=j, size=label.shape[-2:]):
-                t = t[j:j + 1]
-                t = t if t.dim() == 4 else t[:, None]  # (1, C or 1, h, w)
-                return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-
-            probs, single = up(maps["mean"]), up(mean_latent)
-            meters["sampled_entropy"].update(probs, label, scale(up(maps["entropy"])[:, 0]))
-            meters["sampled_mutual_info"].update(probs, label, scale(up(maps["mutual_info"])[:, 0]))
-            meters["mean_softmax_entropy"].update(single, label, scale(softmax_entropy(single)))
-    return meters
+RESOLUTIONS = ("train", "native")
 
 
-def fit_temperature(model, split, table, device, dtype, samples, seed=0, max_pixels=400_000):
-    """Temperature scaling (Guo et al. 2017): the T > 0 that minimizes the NLL of the mean of
-    softmax(logits_s / T) over a random subset of the split's valid pixels."""
+@dataclass
+class Predictor:
+    """One definition of a prediction, used for every file and score test.py writes.
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    per_image = max(1, max_pixels // max(1, len(split)))
-    logits_kept, labels_kept = [], []
-    for i in range(len(split)):
-        x = normalize(split.images[i:i + 1].to(device)).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), autocast(device, dtype):
-            logits = model.sample(x, samples, generator=gen)[:, 0].float()  # (S, C, h, w)
-        label = split.label_masks[i].to(device).long()
-        logits = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)
-        valid = (label != table.ignore_index).flatten().nonzero()[:, 0]
-        pick = valid[torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed + i))[:per_image]
-                     .to(device)]
-        logits_kept.append(logits.flatten(2)[:, :, pick].cpu())  # (S, C, n)
-        labels_kept.append(label.flatten()[pick].cpu())
-    logits, labels = torch.cat(logits_kept, 2).double(), torch.cat(labels_kept)
+    `samples` latent draws (1: the posterior mean) of the network's logits, each with the logits
+    of the mirrored image when `flip`; the network sees the image resized to the training size
+    (`resolution` "train") or at its own size ("native": padded to the network stride inside the
+    model, and cut into overlapping tiles of `tile_size` when larger). `probs` then upsamples the
+    logits once to the label's resolution, divides them by the temperature, applies the softmax
+    and averages the two orientations: the mean over samples of these probabilities is the
+    prediction, and every uncertainty map comes from the same per-sample probabilities."""
 
-    def nll(log_t):
-        p = (logits / math.exp(log_t)).softmax(1).mean(0)  # (C, n)
-        return float(-p.gather(0, labels[None]).clamp_min(1e-12).log().mean())
+    model: torch.nn.Module
+    device: torch.device
+    dtype: object  # autocast dtype, None for fp32
+    image_size: tuple  # (H, W) the model was trained at
+    samples: int = 1
+    flip: bool = False
+    resolution: str = "train"
+    tile_size: tuple = (512, 512)
+    seed: int = 0
+    batch_size: int = 8  # tiles per forward pass
 
-    best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
-    return math.exp(float(best.x)), nll(0.0), float(best.fun)
+    def __post_init__(self):
+        self.restart()
+
+    def restart(self):
+        """Draw the latent samples from `seed` again: the temperature fit and the evaluation
+        pass see the same draws, and so does a later run with the same flags."""
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def settings(self):
+        """What the probabilities depend on besides the weights: the key under which a fitted
+        temperature is stored."""
+        return f"samples={self.samples} flip={int(self.flip)} resolution={self.resolution}"
+
+    def logits(self, images):
+        """images: list of uint8 (3, H, W) -> list of float32 logits (S, F, C, h, w) on the
+        device, F = 2 with flip (the mirrored image's logits mirrored back), else 1; (h, w) is
+        the training size, or the image's own size with resolution "native"."""
+        if self.resolution == "train":
+            return self._forward(torch.stack([resize_image(im, self.image_size) for im in images]))
+        out = [None] * len(images)
+        same_size = {}
+        for k, im in enumerate(images):
+            if im.shape[-2] > self.tile_size[0] or im.shape[-1] > self.tile_size[1]:
+                out[k] = self._tiled(im)
+            else:
+                same_size.setdefault(tuple(im.shape[-2:]), []).append(k)
+        for ks in same_size.values():
+            for k, lg in zip(ks, self._forward(torch.stack([images[k] for k in ks]))):
+                out[k] = lg
+        return out
+
+    def at_size(self, logits, size):
+        """(S, F, C, h, w) logits -> (S, F, C, H, W), upsampled (bilinear) to `size`, the label's."""
+        s, f, c, h, w = logits.shape
+        if (h, w) == tuple(size):
+            return logits
+        return F.interpolate(logits.reshape(s * f, c, h, w), size=tuple(size), mode="bilinear",
+                             align_corners=False).view(s, f, c, *size)
+
+    def probs(self, logits, size, temperature=1.0):
+        """(S, F, C, h, w) logits -> (S, C, H, W) probabilities at `size` (the label's)."""
+        return (self.at_size(logits, size) / temperature).softmax(2).mean(1)
+
+    def _forward(self, images):
+        """uint8 (B, 3, h, w) -> list of B logits (S, F, C, h, w). Both orientations go through
+        the network in one batch."""
+        x = normalize(images.to(self.device, non_blocking=True))
+        if self.flip:
+            x = torch.cat([x, x.flip(-1)])
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            logits = self.model.sample(x.contiguous(memory_format=torch.channels_last), self.samples,
+                                       generator=self.generator).float()  # (S, F*B, C, h, w)
+        if self.flip:
+            plain, mirrored = logits.chunk(2, dim=1)
+            logits = torch.stack([plain, mirrored.flip(-1)], 1)  # (S, 2, B, C, h, w)
+        else:
+            logits = logits[:, None]  # (S, 1, B, C, h, w)
+        return list(logits.unbind(2))
+
+    def _tiled(self, image):
+        """Logits of an image larger than `tile_size`: overlapping tiles (a quarter of a tile
+        apart at least, each a multiple of the network stride), blended with weights that fall
+        off towards each tile's border, where the network sees least context."""
+        h, w = image.shape[-2:]
+        stride = self.model.stride
+        th, tw = (min(-(-t // stride) * stride, n) for t, n in zip(self.tile_size, (h, w)))
+        boxes = [(y, x) for y in tile_starts(h, th) for x in tile_starts(w, tw)]
+        weight = (tile_ramp(th)[:, None] * tile_ramp(tw)[None]).to(self.device)  # (th, tw)
+        total, norm = None, torch.zeros(h, w, device=self.device)
+        for i in range(0, len(boxes), self.batch_size):
+            chunk = boxes[i:i + self.batch_size]
+            crops = torch.stack([image[:, y:y + th, x:x + tw] for y, x in chunk])
+            for (y, x), lg in zip(chunk, self._forward(crops)):
+                if total is None:
+                    total = torch.zeros(*lg.shape[:3], h, w, device=self.device)  # (S, F, C, H, W)
+                total[..., y:y + th, x:x + tw] += lg * weight
+                norm[y:y + th, x:x + tw] += weight
+        return total / norm
+
+
+def tile_starts(n, tile):
+    """Offsets of tiles of length `tile` covering 0..n: a quarter tile of overlap at least, the
+    last tile flush with the end."""
+    if n <= tile:
+        return [0]
+    return list(range(0, n - tile, tile - tile // 4)) + [n - tile]
+
+
+def tile_ramp(tile):
+    """(tile,) blending weights: rising linearly over the quarter tile at each end, 1 between,
+    never 0 (a pixel near the image border is covered by one tile only)."""
+    ramp = max(1, tile // 4)
+    i = torch.arange(tile, dtype=torch.float32)
+    return torch.minimum(torch.minimum(i + 1, tile - i), torch.tensor(float(ramp))) / ramp
+
+
+class SplitScores:
+    """The scores of one prediction over a labelled split, added image by image from the
+    probabilities at the label's resolution: the confusion matrix of the argmax of the mean
+    probabilities, and one UncertaintyMeter per uncertainty map computed from the same
+    probabilities (calibration depends on the probabilities alone, so every meter holds the
+    same ECE, NLL and Brier score; the maps differ in how well they rank the errors)."""
+
+    def __init__(self, num_classes, ignore_index, samples):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        names = ("entropy", "mutual_info", "variance") if samples > 1 else ("entropy",)
+        # The meters bin scores into 1000 bins. Mutual information spans several orders of magnitude
+        # below log C, so scores are binned on a log scale, u -> log(1 + u / 1e-6); the map is monotone,
+        # so AUROC and coverage (which depend only on the ranking) are unchanged by it but for ties.
+        self.meters = {n: UncertaintyMeter(num_classes, ignore_index, math.log1p(math.log(num_classes) / 1e-6))
+                       for n in names}
+
+    def update(self, maps, truth):
+        """maps: uncertainty_maps of one image's (S, 1, C, H, W) probabilities; truth: (H, W)."""
+        truth = truth.to(maps["mean"].device).long()
+        pred = maps["mean"].argmax(1)[0]
+        self.cm += confusion_matrix(pred, truth, self.num_classes, self.ignore_index).cpu()
+        for name, meter in self.meters.items():
+            meter.update(maps["mean"], truth[None], torch.log1p(maps[name].float() / 1e-6))
+
+    def result(self):
+        """scores(cm) plus 'calibration' (ece, nll, brier) and, per map, 'uncertainty' (the AUROC
+        of finding the wrong pixels, mIoU and pixel accuracy of the most certain 50/75/90%)."""
+        out = scores(self.cm)
+        out["uncertainty"] = {}
+        for name, meter in self.meters.items():
+            r = meter.compute(fractions=(0.5, 0.75, 0.9))
+            out["calibration"] = {k: r[k] for k in ("ece", "nll", "brier")}
+            out["uncertainty"][name] = {"auroc": r["auroc"], "coverage": r["coverage"]}
+        return out
+
+
+def segment_image(model, image, image_size, device, dtype, samples=1, temperature=1.0, seed=0, flip=False,
+                  resolution="train", tile_size=(512, 512)):
+    """image: uint8 (3, H, W) at any size -> probs (S, C, H, W) at the image's own size, on the CPU."""
+    p = Predictor(model, device, dtype, tuple(image_size), samples, flip, resolution, tuple(tile_size), seed)
+    return p.probs(p.logits([image])[0], image.shape[-2:], temperature).cpu()
+
+
+class TemperatureFit:
+    """Temperature scaling (Guo et al. 2017): the T > 0 that minimizes the NLL of a Predictor's
+    probabilities (mean over samples and orientations of softmax(logits / T)) on a random
+    subset of valid pixels, `per_image` from each image, kept as logits."""
+
+    def __init__(self, ignore_index, per_image, seed=0):
+        self.ignore_index, self.per_image, self.seed = ignore_index, per_image, seed
+        self.logits, self.labels = [], []
+
+    def add(self, logits, truth):
+        """logits (S, F, C, H, W) at the label's resolution; truth (H, W)."""
+        truth = truth.to(logits.device).long()
+        valid = (truth != self.ignore_index).flatten().nonzero()[:, 0]
+        order = torch.randperm(len(valid), generator=torch.Generator().manual_seed(self.seed + len(self.labels)))
+        pick = valid[order[:self.per_image].to(valid.device)]
+        self.logits.append(logits.flatten(3)[..., pick].cpu())  # (S, F, C, n)
+        self.labels.append(truth.flatten()[pick].cpu())
+
+    def fit(self):
+        """-> (temperature, pixel NLL at T = 1, pixel NLL at the fitted T)."""
+        logits, labels = torch.cat(self.logits, 3), torch.cat(self.labels)  # (S, F, C, n), (n,)
+        s, f, _, n = logits.shape
+        index = labels.view(1, 1, 1, n).expand(s, f, 1, n)
+
+        def nll(log_t):
+            # -log of the mean over samples and orientations of softmax(logits / T)[label],
+            # through logsumexp so that float32 suffices
+            lp = (logits / math.exp(log_t)).log_softmax(2).gather(2, index)[:, :, 0]  # (S, F, n)
+            return float(-(lp.flatten(0, 1).logsumexp(0) - math.log(s * f)).double().mean())
+
+        best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+        return math.exp(float(best.x)), nll(0.0), float(best.fun)

@@ -1,6 +1,7 @@
 """Every picture the project draws: the segmentation figure, uncertainty maps, the loss plot,
-the confusion matrix, the reliability diagram and the examples grid. Functions take arrays
-(labels, probabilities, histories), never a model, and write PNG files atomically.
+the confusion matrix, the reliability diagram and the examples grid, and the prediction files
+(class-index palette PNG, colour mask). Functions take arrays (labels, probabilities,
+histories), never a model, and write PNG files atomically.
 
 matplotlib is used without pyplot (no GUI backend or global state; Agg renders on save).
 """
@@ -8,6 +9,7 @@ matplotlib is used without pyplot (no GUI backend or global state; Agg renders o
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from PIL import Image
 
 from cli import write_atomic
 
@@ -35,6 +37,31 @@ def colourize(labels, pal, ignore_index=None):
         checker = ((yy // 4 + xx // 4) % 2).astype(bool)
         out[void & checker], out[void & ~checker] = VOID_TILE
     return out
+
+
+def save_labels(path, labels, pal, ignore_index, void_colour=None):
+    """(H, W) class indices as a palette PNG (PIL mode "P") that other tools, and load_mask, read
+    back as the same indices: each pixel's value is its class index, void is `ignore_index` (255
+    when that is above 255), and the palette holds the class colours, void's colour (the class
+    table's, else the checkerboard's grey) at the void index."""
+    labels = np.asarray(labels)
+    void = ignore_index if 0 <= ignore_index <= 255 else 255
+    values = np.where(labels == ignore_index, void, labels)
+    if values.min() < 0 or values.max() > 255:
+        raise ValueError(f"labels {values.min()}..{values.max()} do not fit a palette PNG (0..255)")
+    colours = np.zeros((256, 3), np.uint8)
+    colours[:len(pal)] = pal
+    if void >= len(pal):
+        colours[void] = void_colour if void_colour is not None else VOID_TILE[1]
+    img = Image.fromarray(values.astype(np.uint8))  # mode L
+    img.putpalette(colours.ravel().tolist())  # mode P, same pixel values
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
+
+
+def save_rgb(path, rgb):
+    """(H, W, 3) uint8 as a PNG, atomically."""
+    img = Image.fromarray(np.ascontiguousarray(rgb))
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 def add_legend(fig, pal, names, void=False):
@@ -131,17 +158,17 @@ def save_samples(path, image, samples, pal, table, annotations=()):
 
 
 def save_reliability(path, meters):
-    """Reliability diagram (15 bins) and accuracy versus coverage of each uncertainty score."""
+    """Reliability diagram (15 bins) of the prediction and accuracy versus coverage of each
+    uncertainty map. meters: {map name: UncertaintyMeter}, all fed the same probabilities, so
+    any one of them gives the reliability."""
     fig = new_figure((11, 4.5))
     axes = fig.subplots(1, 2)
-    for name, label in (("sampled_entropy", "sampled mean"), ("mean_softmax_entropy", "mean latent")):
-        if name in meters:
-            r = meters[name].reliability()
-            axes[0].plot(r["confidence"], r["accuracy"], "o-", label=label)
+    r = next(iter(meters.values())).reliability()
+    axes[0].plot(r["confidence"], r["accuracy"], "o-", label="prediction")
     axes[0].plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     axes[0].set(xlabel="confidence", ylabel="accuracy", title="reliability diagram (15 bins)")
-    for name, res in meters.items():
-        curve = res.compute()["curve"]
+    for name, meter in meters.items():
+        curve = meter.compute()["curve"]
         axes[1].plot(curve["coverage"], curve["accuracy"], label=name.replace("_", " "))
     axes[1].set(xlabel="coverage (most certain pixels kept)", ylabel="pixel accuracy",
                 title="accuracy versus coverage")

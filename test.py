@@ -2,109 +2,53 @@
 
     python test.py --test_image_path IMAGE --model_path runs/x/best.pt [--mask_path MASK]
     python test.py --test_image_path "photos/*.png" --model_path runs/x/best.pt --samples 16
-    python test.py --test_path ../shared/data/camvid/val --model_path runs/x/best.pt
+    python test.py --test_path ../shared/data/camvid/val --model_path runs/x/best.pt [--save_predictions]
+    python test.py --test_path ../shared/data/camvid/val --model_path runs/x/best.pt --samples 8 --calibrate
+    python test.py --test_image_path big.png --model_path runs/x/best.pt --resolution native
 
-The model is rebuilt from the checkpoint alone (checkpoint.py); evaluation is evaluate.py's and
-the pictures are figures.py's.
+The model is rebuilt from the checkpoint alone (checkpoint.py). Every output of a run comes from
+one definition of the prediction (evaluate.Predictor: --samples, --flip, --resolution), and a
+labelled split is read in one pass (two with --calibrate). The pictures are figures.py's.
 """
 
 import glob
+import json
 import math
+import os
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
+from tqdm import tqdm
 
 from checkpoint import build_model, load_checkpoint, save_checkpoint, table_from_checkpoint
-from cli import Parser, make_output_dir, refuse, write_csv, write_json
-from dataset import IMAGE_EXTENSIONS, DataError, load_image, load_mask, load_split, palette
-from evaluate import (evaluate, evaluate_uncertainty, fit_temperature, format_scores, forward_probs, segment_image,
-                      summarize)
-from figures import colourize, save_confusion, save_examples, save_figure, save_map, save_reliability
+from cli import Parser, make_output_dir, refuse, write_atomic, write_csv, write_json
+from dataset import IMAGE_EXTENSIONS, DataError, find_pairs, load_image, load_mask, palette
+from evaluate import RESOLUTIONS, Predictor, SplitScores, TemperatureFit, format_scores
+from figures import (colourize, save_confusion, save_examples, save_figure, save_labels, save_map, save_reliability,
+                     save_rgb)
 from metrics import confusion_matrix, scores, uncertainty_maps
 from runtime import pick_device, pick_precision
-
 
 MAPS = {  # name -> (title, upper end of the colour scale from the class count; None: from the map)
     "entropy": ("predictive entropy (nats)", lambda c: math.log(c)),
     "mutual_info": ("mutual information: uncertainty from the latent (nats)", lambda c: None),
     "variance": ("sample variance of the winning class probability", lambda c: None),
 }
+CONFIG_FILE = "test_config.json"  # the run's flags and checkpoint, next to its outputs
 
 
-def run_images(args, ckpt, model, device, dtype):
-    """Segment each image: colour mask, figure and, with --samples > 1, uncertainty maps
-    (PNG with colour bar and .npy) per image, and uncertainty_ranking.csv over the images."""
-    paths = expand_image_paths(args.test_image_path)
-    if args.mask_path and len(paths) > 1:
-        raise DataError(f"--mask_path {args.mask_path} names one mask but --test_image_path "
-                        f"{args.test_image_path} matches {len(paths)} images; give a single image")
-    table = table_from_checkpoint(ckpt)
-    pal = palette(table)
-    image_size = tuple(ckpt["image_size"])
-    out_dir = make_output_dir(args.output_dir)
-    temperature, latent_scale = float(ckpt.get("temperature", 1.0)), float(ckpt.get("latent_scale", 1.0))
-    ranking = []
-    for path in paths:
-        image = load_image(path)
-        probs = segment_image(model, image, image_size, device, dtype, args.samples, temperature,
-                              latent_scale, args.seed)
-        maps = {k: v[0].numpy() for k, v in uncertainty_maps(probs[:, None]).items()}
-        pred = maps["mean"].argmax(0).astype(np.uint8)
-        truth = None
-        if args.mask_path:
-            truth = load_mask(args.mask_path, table).numpy()
-            if truth.shape != pred.shape:
-                raise DataError(f"mask {args.mask_path} is {truth.shape[1]}x{truth.shape[0]} but image "
-                                f"{path} is {pred.shape[1]}x{pred.shape[0]}; give the image's own mask")
-        title = ""
-        if truth is not None:
-            s = image_scores(pred, truth, table)
-            title = f"this image: mIoU {s['miou'] * 100:.1f}, pixel accuracy {s['pixel_acc'] * 100:.1f}"
-        written = [out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_figure.png"]
-        Image.fromarray(colourize(pred, pal)).save(written[0])
-        save_figure(written[1], image, pred, pal, table, truth, maps["entropy"], math.log(table.num_classes),
-                    args.samples, title)
-        if args.samples > 1:
-            for name, (title, vmax) in MAPS.items():
-                png, npy = out_dir / f"{path.stem}_{name}.png", out_dir / f"{path.stem}_{name}.npy"
-                save_map(png, maps[name], f"{title}, {args.samples} samples", vmax(table.num_classes))
-                np.save(npy, maps[name].astype(np.float32))
-                written += [png, npy]
-        ranking.append((str(path), float(maps["entropy"].mean()), float(maps["mutual_info"].mean()),
-                        float(maps["variance"].mean())))
-        print(f"{path}: " + ", ".join(str(p) for p in written))
-    if args.samples > 1:
-        ranking.sort(key=lambda r: -r[1])
-        write_csv(out_dir / "uncertainty_ranking.csv", ["rank", "image", "mean_entropy", "mean_mutual_info",
-                                                        "mean_variance"],
-                  [[i, r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}"] for i, r in enumerate(ranking, 1)])
-        print(f"images ranked by mean predictive entropy (label these first): {out_dir / 'uncertainty_ranking.csv'}")
+def set_threads(n):
+    """--threads, as in train.py: CPU threads for torch; 0 keeps torch's default."""
+    if n:
+        torch.set_num_threads(n)
 
 
-def image_scores(pred, truth, table):
-    """Scores of one predicted label map against its truth (numpy or torch, same shape)."""
-    return scores(confusion_matrix(torch.as_tensor(pred), torch.as_tensor(truth), table.num_classes,
-                                   table.ignore_index))
-
-
-def example_rows(model, split, table, ckpt, device, dtype, n, flip=False):
-    """`n` images spread evenly over the split, each as (name, image, prediction, truth, void,
-    mIoU) at the label's resolution, for figures.save_examples."""
-    picks = sorted({round(i * (len(split) - 1) / max(n - 1, 1)) for i in range(n)})
-    temperature = float(ckpt.get("temperature", 1.0))
-    rows = []
-    for i in picks:
-        truth = split.label_masks[i]
-        probs = forward_probs(model, split.images[i:i + 1], device, dtype, temperature=temperature, flip=flip)[0]
-        pred = F.interpolate(probs.cpu(), size=truth.shape, mode="bilinear", align_corners=False).argmax(1)[0]
-        image = F.interpolate(split.images[i:i + 1].float(), size=truth.shape, mode="bilinear",
-                              align_corners=False)[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        rows.append((split.names[i], image, pred.numpy(), truth.numpy(), table.ignore_index,
-                     image_scores(pred, truth, table)["miou"]))
-    return rows
+# ---------------------------------------------------------------------------------------------
+# inputs and output names
 
 
 def expand_image_paths(spec):
@@ -122,75 +66,296 @@ def expand_image_paths(spec):
     return found
 
 
-def run_split(args, ckpt, model, device, dtype):
-    """Evaluate a labelled split: mIoU, per-class IoU, pixel and class accuracy (void ignored,
-    at each label's resolution), calibration and error detection; metrics.json and plots."""
+def output_names(paths):
+    """One distinct output name per input path: its file stem, or, where inputs share a stem
+    (a/x.png and b/x.png, or x.png and x.jpg), its path below the inputs' common folder with
+    '__' for each '/' (a__x), and the extension too if that is not enough (x_png)."""
+    full = [Path(os.path.abspath(p)) for p in paths]
+    root = Path(os.path.commonpath([str(p.parent) for p in full]))
+    names = [p.stem for p in full]
+    for spell in (lambda p: "__".join(p.relative_to(root).with_suffix("").parts),
+                  lambda p: "__".join(p.relative_to(root).with_suffix("").parts) + "_" + p.suffix[1:]):
+        count = Counter(names)
+        names = [spell(p) if count[n] > 1 else n for p, n in zip(full, names)]
+    count, seen = Counter(names), Counter()
+    for i, n in enumerate(names):  # a last resort that real paths rarely reach
+        if count[n] > 1:
+            seen[n] += 1
+            names[i] = f"{n}_{seen[n]}"
+    renamed = [(str(p), n) for p, n in zip(paths, names) if n != Path(p).stem]
+    if renamed:
+        print(f"{len(renamed)} inputs share a file stem with another input; their outputs are named by "
+              "path: " + ", ".join(f"{p} -> {n}" for p, n in renamed[:6]) + (" ..." if len(renamed) > 6 else ""))
+    return names
+
+
+def default_output_dir(model_path):
+    """predictions/<checkpoint's folder>_<checkpoint's name>: a folder per checkpoint."""
+    p = Path(os.path.abspath(model_path))
+    return Path("predictions") / f"{p.parent.name}_{p.stem}"
+
+
+def prepare_output(args, predictor):
+    """Create the output folder and claim it for this checkpoint: a folder that holds another
+    checkpoint's outputs is refused (they would be overwritten file by file). Writes the run's
+    flags to test_config.json; returns the folder and the files already in it."""
+    out = make_output_dir(args.output_dir)
+    config_path = out / CONFIG_FILE
+    checkpoint = os.path.abspath(args.model_path)
+    if config_path.is_file():
+        try:
+            earlier = json.loads(config_path.read_text()).get("checkpoint")
+        except (ValueError, AttributeError):
+            earlier = None
+        if earlier is not None and earlier != checkpoint:
+            raise DataError(f"output folder {out} holds the outputs of checkpoint {earlier} ({config_path}); "
+                            f"give another --output_dir for {args.model_path}, or remove the folder")
+    existing = {p for p in out.iterdir() if p.is_file() and p.name != CONFIG_FILE}
+    write_json(config_path, {**vars(args), "checkpoint": checkpoint, "settings": predictor.settings(),
+                             "threads": torch.get_num_threads()})
+    return out, existing
+
+
+def report_replaced(written, existing, out):
+    replaced = sorted(p.name for p in set(written) & existing)
+    if replaced:
+        print(f"replaced {len(replaced)} file(s) in {out} that an earlier run had written: "
+              + ", ".join(replaced[:6]) + (" ..." if len(replaced) > 6 else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration
+
+
+def calibrated_path(model_path):
+    """best.pt -> best.calibrated.pt beside it, so the checkpoint training wrote stays as it was."""
+    p = Path(model_path)
+    return p if p.stem.endswith(".calibrated") else p.with_name(f"{p.stem}.calibrated{p.suffix}")
+
+
+def fitted_temperatures(ckpt):
+    """{settings: entry} of the temperatures fitted for this checkpoint (Predictor.settings keys).
+    Checkpoints calibrated before temperatures were stored per setting hold one temperature and
+    the sample count it was fitted at, without flip, at the training resolution."""
+    cal = ckpt.get("calibration") or {}
+    if "samples" in cal and "temperature" in ckpt:
+        return {f"samples={cal['samples']} flip=0 resolution=train": {**cal, "temperature": ckpt["temperature"]}}
+    return cal
+
+
+def temperature_for(ckpt, predictor):
+    """The temperature fitted for the predictor's settings, 1.0 (and a note) where there is none."""
+    fitted = fitted_temperatures(ckpt)
+    key = predictor.settings()
+    if key in fitted:
+        return float(fitted[key]["temperature"])
+    if fitted:
+        print(f"note: no temperature fitted for {key} (fitted: {'; '.join(fitted)}); using 1.0. The "
+              "temperature depends on these settings: run --calibrate with them to fit one")
+    return 1.0
+
+
+def calibrate(args, ckpt, predictor, pairs, table):
+    """Fit the temperature on the split (a pass of its own: every probability of the evaluation
+    pass depends on it, and holding the split's logits until it is known would take S x C floats
+    per pixel), store it under the predictor's settings in <checkpoint>.calibrated.pt."""
+    fit = TemperatureFit(table.ignore_index, per_image=max(1, 400_000 // len(pairs)), seed=args.seed)
+    for _, _, truth, logits in predictions(predictor, pairs, table, args.batch_size, "fitting temperature"):
+        fit.add(predictor.at_size(logits, truth.shape), truth)
+    t, before, after = fit.fit()
+    calibrated = {**ckpt, "calibration": {**fitted_temperatures(ckpt), predictor.settings(): {
+        "temperature": t, "data": str(args.test_path), "images": len(pairs), "nll_before": before,
+        "nll_after": after}}}
+    calibrated.pop("temperature", None)
+    path = calibrated_path(args.model_path)
+    save_checkpoint(calibrated, path)
+    print(f"calibrated on {args.test_path} ({predictor.settings()}): temperature {t:.3f} (pixel NLL "
+          f"{before:.4f} -> {after:.4f}); stored in {path}, for later runs with these settings")
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# one pass over images
+
+
+def predictions(predictor, pairs, table, batch_size, desc):
+    """Decode each (image, mask) pair, run the network on `batch_size` images at a time and yield
+    (index, image (3, H, W) uint8, truth (H, W), logits (S, F, C, h, w)), with a progress bar
+    when stderr is a terminal."""
+    predictor.restart()
+    bar = tqdm(total=len(pairs), desc=desc, unit="image", disable=None, leave=False)
+    try:
+        for start in range(0, len(pairs), batch_size):
+            batch = []
+            for image_path, mask_path in pairs[start:start + batch_size]:
+                image, truth = load_image(image_path), load_mask(mask_path, table)
+                if image.shape[-2:] != truth.shape:
+                    raise DataError(f"image {image_path} is {image.shape[2]}x{image.shape[1]} but its mask "
+                                    f"{mask_path} is {truth.shape[1]}x{truth.shape[0]}; they must be the same size")
+                batch.append((image, truth))
+            for k, ((image, truth), logits) in enumerate(zip(batch, predictor.logits([b[0] for b in batch]))):
+                yield start + k, image, truth, logits
+                bar.update()
+    finally:
+        bar.close()
+
+
+def image_scores(pred, truth, table):
+    """Scores of one predicted label map against its truth (numpy or torch, same shape)."""
+    return scores(confusion_matrix(torch.as_tensor(pred), torch.as_tensor(truth), table.num_classes,
+                                   table.ignore_index))
+
+
+def save_prediction(out_dir, name, pred, pal, table):
+    """<name>_labels.png (class indices, palette PNG) and <name>_mask.png (colours)."""
+    paths = [out_dir / f"{name}_labels.png", out_dir / f"{name}_mask.png"]
+    save_labels(paths[0], pred, pal, table.ignore_index, table.void_colour)
+    save_rgb(paths[1], colourize(pred, pal))
+    return paths
+
+
+def run_images(args, ckpt, predictor, temperature):
+    """Segment each image: class-index and colour masks, figure and, with --samples > 1,
+    uncertainty maps (PNG with colour bar and .npy) per image, and uncertainty_ranking.csv."""
+    paths = expand_image_paths(args.test_image_path)
+    if args.mask_path and len(paths) > 1:
+        raise DataError(f"--mask_path {args.mask_path} names one mask but --test_image_path "
+                        f"{args.test_image_path} matches {len(paths)} images; give a single image")
+    names = output_names(paths)
     table = table_from_checkpoint(ckpt)
-    split = load_split(args.test_path, table, tuple(ckpt["image_size"]))
-    out_dir = make_output_dir(args.output_dir)
+    pal = palette(table)
+    truth = None
+    if args.mask_path:  # one image: check it against its mask before anything is written
+        truth, image = load_mask(args.mask_path, table).numpy(), load_image(paths[0])
+        if truth.shape != tuple(image.shape[-2:]):
+            raise DataError(f"mask {args.mask_path} is {truth.shape[1]}x{truth.shape[0]} but image "
+                            f"{paths[0]} is {image.shape[2]}x{image.shape[1]}; give the image's own mask")
+    out_dir, existing = prepare_output(args, predictor)
+    predictor.restart()
+    ranking, all_written = [], []
+    for path, name in zip(paths, names):
+        image = load_image(path)
+        probs = predictor.probs(predictor.logits([image])[0], image.shape[-2:], temperature)
+        maps = {k: v[0].cpu().numpy() for k, v in uncertainty_maps(probs[:, None]).items()}
+        pred = maps["mean"].argmax(0).astype(np.uint8)
+        title = ""
+        if truth is not None:
+            s = image_scores(pred, truth, table)
+            title = f"this image: mIoU {s['miou'] * 100:.1f}, pixel accuracy {s['pixel_acc'] * 100:.1f}"
+        written = save_prediction(out_dir, name, pred, pal, table) + [out_dir / f"{name}_figure.png"]
+        save_figure(written[-1], image, pred, pal, table, truth, maps["entropy"], math.log(table.num_classes),
+                    args.samples, title)
+        if args.samples > 1:
+            for key, (map_title, vmax) in MAPS.items():
+                png, npy = out_dir / f"{name}_{key}.png", out_dir / f"{name}_{key}.npy"
+                save_map(png, maps[key], f"{map_title}, {args.samples} samples", vmax(table.num_classes))
+                write_atomic(npy, lambda f, a=maps[key]: np.save(f, a.astype(np.float32)))
+                written += [png, npy]
+        ranking.append((str(path), float(maps["entropy"].mean()), float(maps["mutual_info"].mean()),
+                        float(maps["variance"].mean())))
+        all_written += written
+        print(f"{path}: " + ", ".join(str(p) for p in written))
+    if args.samples > 1:
+        ranking.sort(key=lambda r: -r[1])
+        csv_path = out_dir / "uncertainty_ranking.csv"
+        write_csv(csv_path, ["rank", "image", "mean_entropy", "mean_mutual_info", "mean_variance"],
+                  [[i, r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}"] for i, r in enumerate(ranking, 1)])
+        all_written.append(csv_path)
+        print(f"images ranked by mean predictive entropy (label these first): {csv_path}")
+    report_replaced(all_written, existing, out_dir)
+
+
+def run_split(args, ckpt, predictor, temperature):
+    """Evaluate a labelled split in one pass: mIoU, per-class IoU, pixel and class accuracy (void
+    ignored, at each label's resolution), calibration and error detection, all of one prediction;
+    metrics.json, plots, examples and, with --save_predictions, per-image masks."""
+    table = table_from_checkpoint(ckpt)
+    pal = palette(table)
+    pairs = find_pairs(args.test_path)
+    names = output_names([p[0] for p in pairs])
+    out_dir, existing = prepare_output(args, predictor)
     if args.calibrate:
-        t, before, after = fit_temperature(model, split, table, device, dtype, args.samples, args.seed)
-        ckpt["temperature"] = t
-        ckpt["calibration"] = {"data": str(args.test_path), "samples": args.samples, "nll_before": before,
-                               "nll_after": after}
-        save_checkpoint(ckpt, args.model_path)
-        print(f"calibrated on {args.test_path}: temperature {t:.3f} (pixel NLL {before:.4f} -> {after:.4f}); "
-              f"stored in {args.model_path}")
-    temperature, latent_scale = float(ckpt.get("temperature", 1.0)), float(ckpt.get("latent_scale", 1.0))
-    sums = evaluate(model, split, num_classes=table.num_classes, ignore_index=table.ignore_index,
-                    device=device, dtype=dtype, batch_size=args.batch_size, flip=args.flip)
-    metrics = summarize(sums)
-    print(f"{args.test_path}: {len(split)} images, evaluated at each label's resolution, void ignored")
+        temperature = calibrate(args, ckpt, predictor, pairs, table)
+    t0 = time.time()
+    n_ex = min(args.examples, len(pairs))
+    picks = {round(i * (len(pairs) - 1) / max(n_ex - 1, 1)) for i in range(n_ex)}
+    split_scores = SplitScores(table.num_classes, table.ignore_index, args.samples)
+    examples, written = [], []
+    for i, image, truth, logits in predictions(predictor, pairs, table, args.batch_size, "evaluating"):
+        maps = uncertainty_maps(predictor.probs(logits, truth.shape, temperature)[:, None])
+        split_scores.update(maps, truth)
+        if args.save_predictions or i in picks:
+            pred = maps["mean"][0].argmax(0).cpu().numpy().astype(np.uint8)
+            if args.save_predictions:
+                written += save_prediction(out_dir, names[i], pred, pal, table)
+            if i in picks:
+                examples.append((names[i], image.permute(1, 2, 0).numpy(), pred, truth.numpy(), table.ignore_index,
+                                 image_scores(pred, truth, table)["miou"]))
+    seconds = time.time() - t0
+    metrics = split_scores.result()
+    print(f"{args.test_path}: {len(pairs)} images, {predictor.settings()}, temperature {temperature:.3f}; "
+          "scored at each label's resolution, void ignored")
     print(format_scores(metrics, table.names))
-    meters = evaluate_uncertainty(model, split, table, device, dtype, args.samples, temperature, latent_scale,
-                                  args.seed, args.batch_size)
-    print(f"\nuncertainty, {args.samples} latent sample(s), temperature {temperature:.3f}:")
-    print(f"{'score':<22}{'ECE':>7}{'NLL':>8}{'Brier':>8}{'AUROC':>8}"
-          f"{'mIoU@50%':>10}{'mIoU@75%':>10}{'mIoU@90%':>10}")
-    metrics["uncertainty"] = {}
-    for name, meter in meters.items():
-        r = meter.compute()
-        cov = {round(c["coverage"], 2): c["miou"] for c in r["coverage"]}
-        print(f"{name:<22}{r['ece']:>7.4f}{r['nll']:>8.4f}{r['brier']:>8.4f}{r['auroc']:>8.4f}"
-              f"{cov[0.5] * 100:>10.1f}{cov[0.75] * 100:>10.1f}{cov[0.9] * 100:>10.1f}")
-        r.pop("curve")
-        metrics["uncertainty"][name] = r
-    metrics.update({"classes": table.names, "confusion_matrix": sums["cm"].cpu().tolist(),
+    cal = metrics["calibration"]
+    print(f"\ncalibration: ECE {cal['ece']:.4f}, pixel NLL {cal['nll']:.4f}, Brier {cal['brier']:.4f}")
+    print(f"{'uncertainty map':<16}{'AUROC':>8}{'mIoU@50%':>10}{'mIoU@75%':>10}{'mIoU@90%':>10}"
+          "   (finding the wrong pixels; mIoU of the most certain pixels)")
+    for name, u in metrics["uncertainty"].items():
+        print(f"{name:<16}{u['auroc']:>8.4f}" + "".join(f"{c['miou'] * 100:>10.1f}" for c in u["coverage"]))
+    metrics.update({"classes": table.names, "confusion_matrix": split_scores.cm.tolist(), "images": len(pairs),
                     "data": str(args.test_path), "checkpoint": str(args.model_path), "samples": args.samples,
-                    "temperature": temperature, "flip": args.flip})
-    save_confusion(out_dir / "confusion_matrix.png", metrics["confusion_matrix"], table.names)
-    save_reliability(out_dir / "reliability.png", meters)
-    written = [out_dir / "metrics.json", out_dir / "confusion_matrix.png", out_dir / "reliability.png"]
-    if args.examples:
-        save_examples(out_dir / "examples.png", example_rows(model, split, table, ckpt, device, dtype, args.examples,
-                                                             args.flip), palette(table), table.names)
-        written.append(out_dir / "examples.png")
-    write_json(out_dir / "metrics.json", metrics)
-    print("wrote " + ", ".join(map(str, written)))
+                    "flip": args.flip, "resolution": args.resolution, "seed": args.seed,
+                    "temperature": temperature})
+    files = [out_dir / n for n in ("metrics.json", "confusion_matrix.png", "reliability.png")]
+    write_json(files[0], metrics)
+    save_confusion(files[1], metrics["confusion_matrix"], table.names)
+    save_reliability(files[2], split_scores.meters)
+    if examples:
+        files.append(out_dir / "examples.png")
+        save_examples(files[-1], examples, pal, table.names)
+    report_replaced(written + files, existing, out_dir)
+    masks = f", and {len(written) // 2} images' _labels.png and _mask.png" if written else ""
+    print(f"evaluated {len(pairs)} images in {seconds:.1f} s ({seconds / len(pairs):.2f} s per image); wrote "
+          + ", ".join(map(str, files)) + masks)
     return metrics
 
 
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
 def get_args(argv=None):
-    p = Parser(description="Segment images or evaluate a labelled split with a "
-                                "trained segmentation VAE.")
+    p = Parser(description="Segment images or evaluate a labelled split with a trained segmentation VAE.")
     p.add_argument("--model_path", help="checkpoint written by train.py (best.pt, last.pt, ...); required")
     p.add_argument("--test_image_path", help="an image, a folder of images, or a glob pattern to segment")
     p.add_argument("--mask_path", help="ground-truth mask of --test_image_path: adds it, an error map "
                    "and this image's IoU to the figure")
     p.add_argument("--test_path", help="a labelled split to evaluate (same layouts as training data)")
-    p.add_argument("--output_dir", default="predictions", help="where outputs go (default: predictions)")
-    p.add_argument("--batch_size", type=int, default=8, help="images per forward pass in evaluation (default: 8)")
-    p.add_argument("--flip", action="store_true", help="average with the mirrored image (test-time flip)")
+    p.add_argument("--output_dir", help="where outputs go (default: predictions/<checkpoint's folder>_<checkpoint "
+                   "name>, a folder per checkpoint)")
+    p.add_argument("--save_predictions", action="store_true", help="with --test_path: also write each image's "
+                   "<name>_labels.png (class indices) and <name>_mask.png (colours)")
+    p.add_argument("--batch_size", type=int, default=8, help="images (or tiles) per forward pass")
+    p.add_argument("--flip", action="store_true", help="average each sample's probabilities with those of the "
+                   "mirrored image (test-time flip)")
     p.add_argument("--samples", type=int, default=1, help="latent samples per image; 1 decodes the mean "
-                   "latent, more adds uncertainty maps (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for latent sampling (default: 0)")
+                   "latent, more adds uncertainty maps")
+    p.add_argument("--resolution", default="train", choices=RESOLUTIONS, help="train: the network sees each "
+                   "image resized to the checkpoint's training size, the scale it learned (default); native: "
+                   "at the image's own size, padded to the network stride, in overlapping tiles when larger "
+                   "than --tile_size (for models trained on full-resolution crops)")
+    p.add_argument("--tile_size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
+                   help="with --resolution native: the tile size for larger images (default: 512 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for latent sampling")
     p.add_argument("--examples", type=int, default=4, help="with --test_path: images in examples.png, a grid "
-                   "of input | prediction | ground truth (0: none; default: 4)")
+                   "of input | prediction | ground truth (0: none)")
     p.add_argument("--calibrate", action="store_true", help="fit a temperature on --test_path (use the val "
-                   "split) and store it in the checkpoint; later runs use it")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+                   "split) for these --samples/--flip/--resolution and store it in <checkpoint>.calibrated.pt "
+                   "beside the checkpoint; runs with that file and these settings use it")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (default: auto = bf16 where the hardware has it)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     args = p.parse_args(argv)
     if not args.model_path:
         raise DataError("give --model_path: a checkpoint written by train.py (e.g. runs/<time>/best.pt)")
@@ -200,21 +365,36 @@ def get_args(argv=None):
         raise DataError(f"--examples {args.examples} must be 0 or more")
     if args.samples < 1 or args.batch_size < 1:
         raise DataError(f"--samples {args.samples} and --batch_size {args.batch_size} must be at least 1")
+    if min(args.tile_size) < 1 or args.threads < 0:
+        raise DataError(f"--tile_size {args.tile_size[0]} {args.tile_size[1]} must be positive and --threads "
+                        f"{args.threads} 0 or more")
     if args.calibrate and not args.test_path:
         raise DataError("--calibrate needs --test_path: the labelled split (val) to fit the temperature on")
+    if args.save_predictions and not args.test_path:
+        raise DataError("--save_predictions is for --test_path; --test_image_path always writes each image's masks")
+    if args.output_dir is None:
+        args.output_dir = str(default_output_dir(args.model_path))
     return args
 
 
 def main(args):
+    set_threads(args.threads)
     device = pick_device(args.device)
     dtype = pick_precision(args.precision, device)
     ckpt = load_checkpoint(args.model_path, device)
     model = build_model(ckpt, args.model_path, device)
+    predictor = Predictor(model, device, dtype, tuple(ckpt["image_size"]), args.samples, args.flip,
+                          args.resolution, tuple(args.tile_size), args.seed, args.batch_size)
+    temperature = temperature_for(ckpt, predictor)
+    size = "x".join(map(str, ckpt["image_size"]))
+    print(f"{args.model_path}: epoch {ckpt.get('epoch', '?')}, trained at {size}; {predictor.settings()}, "
+          f"temperature {temperature:.3f}; {device.type}, {str(dtype or torch.float32).replace('torch.', '')}, "
+          f"{torch.get_num_threads()} threads; output {args.output_dir}")
     result = None
     if args.test_image_path:
-        run_images(args, ckpt, model, device, dtype)
+        run_images(args, ckpt, predictor, temperature)
     if args.test_path:
-        result = run_split(args, ckpt, model, device, dtype)
+        result = run_split(args, ckpt, predictor, temperature)
     return result
 
 
@@ -223,3 +403,7 @@ if __name__ == "__main__":
         main(get_args())
     except DataError as e:
         refuse(e)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished outputs stay as written; metrics.json is written only at the end of a "
+              "pass", file=sys.stderr)
+        sys.exit(130)

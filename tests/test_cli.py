@@ -35,10 +35,12 @@ def test_segment_one_image_with_truth(trained_tiny, tmp_path):
     r = run("test.py", "--test_image_path", img, "--mask_path", mask, "--model_path", out / "best.pt",
             "--output_dir", tmp_path)
     assert r.returncode == 0, r.stderr
-    assert str(tmp_path / "000_mask.png") in r.stdout and str(tmp_path / "000_figure.png") in r.stdout
+    for name in ("000_labels.png", "000_mask.png", "000_figure.png"):
+        assert str(tmp_path / name) in r.stdout
     from PIL import Image
 
     assert Image.open(tmp_path / "000_mask.png").size == (48, 32)  # at the image's own size
+    assert Image.open(tmp_path / "000_labels.png").size == (48, 32)
     assert not (tmp_path / "000_entropy.npy").exists()  # one sample: no uncertainty files
 
 
@@ -96,10 +98,11 @@ def test_evaluate_split_and_calibrate(trained_tiny, tmp_path):
     assert 0 <= m["miou"] <= 1 and len(m["iou"]) == 3 and np.array(m["confusion_matrix"]).shape == (3, 3)
     # void pixels (a 3x3 corner per image) are not counted: 4 images of 32x48 minus 4 * 9
     assert np.array(m["confusion_matrix"]).sum() == 4 * (32 * 48 - 9)
-    u = m["uncertainty"]["sampled_entropy"]
-    assert 0 <= u["ece"] <= 1 and u["nll"] > 0 and 0 <= u["brier"] <= 2
-    assert set(m["uncertainty"]) == {"sampled_entropy", "sampled_mutual_info", "mean_softmax_entropy"}
-    stored = load_checkpoint(ckpt_path)
+    c = m["calibration"]
+    assert 0 <= c["ece"] <= 1 and c["nll"] > 0 and 0 <= c["brier"] <= 2
+    assert set(m["uncertainty"]) == {"entropy", "mutual_info", "variance"}
+    assert 0 <= m["uncertainty"]["entropy"]["auroc"] <= 1
+    stored = load_checkpoint(tmp_path / "model.calibrated.pt")["calibration"]["samples=3 flip=0 resolution=train"]
     assert stored["temperature"] == pytest.approx(m["temperature"]) and stored["temperature"] != 1.0
     for name in ("confusion_matrix.png", "reliability.png", "examples.png"):
         assert (tmp_path / name).is_file()
