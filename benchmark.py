@@ -353,7 +353,7 @@ def measure_inference(args, table, device, dtype, tmp):
     size = tuple(ckpt["image_size"])
     image = dataset.load_image(image_path)
     x = dataset.normalize(dataset.resize_image(image, size)[None].to(device))
-    x = x.contiguous(memory_format=torch.channels_last)  # (1, 3, h, w), as evaluate.forward_probs
+    x = x.contiguous(memory_format=torch.channels_last)  # (1, 3, h, w), as evaluate.Predictor
 
     def forward():
         with torch.no_grad(), autocast(device, dtype):

@@ -31,7 +31,7 @@ from evaluate import RESOLUTIONS, Predictor, SplitScores, TemperatureFit, format
 from figures import (colourize, save_confusion, save_examples, save_figure, save_labels, save_map, save_reliability,
                      save_rgb)
 from metrics import confusion_matrix, scores, uncertainty_maps
-from runtime import pick_device, pick_precision
+from runtime import pick_device, pick_precision, set_threads
 
 MAPS = {  # name -> (title, upper end of the colour scale from the class count; None: from the map)
     "entropy": ("predictive entropy (nats)", lambda c: math.log(c)),
@@ -39,12 +39,6 @@ MAPS = {  # name -> (title, upper end of the colour scale from the class count; 
     "variance": ("sample variance of the winning class probability", lambda c: None),
 }
 CONFIG_FILE = "test_config.json"  # the run's flags and checkpoint, next to its outputs
-
-
-def set_threads(n):
-    """--threads, as in train.py: CPU threads for torch; 0 keeps torch's default."""
-    if n:
-        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +372,9 @@ def get_args(argv=None):
 
 
 def main(args):
-    set_threads(args.threads)
+    note = set_threads(args.threads)
+    if note:
+        print(note)
     device = pick_device(args.device)
     dtype = pick_precision(args.precision, device)
     ckpt = load_checkpoint(args.model_path, device)
