@@ -35,7 +35,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -948,23 +948,26 @@ class SegmentationDataset(torch.utils.data.Dataset):
     batch it with `collate_with_labels`).
 
     How mask values become labels is decided from up to `scan_limit` masks spread over the split
-    (the cached path reads them all); a later mask that does not fit raises a DataError."""
+    (the cached path reads them all); a later mask that does not fit raises a DataError.
+    `annotator=k` keeps annotator k's masks only."""
 
     def __init__(self, path, table, image_size=None, transforms=None, mask_suffix=None, roi=True,
-                 with_label=False, scan_limit=64, num_threads=2):
+                 with_label=False, scan_limit=64, num_threads=2, annotator=None):
         self.samples = find_samples(path, mask_suffix, roi)
         self.table, self.transforms, self.with_label = table, transforms, with_label
         self.image_size = tuple(image_size) if image_size else None
         step = max(1, len(self.samples) // scan_limit)
         self.coding = mask_coding(scan_masks(self.samples[::step][:scan_limit], table, num_threads), table)
         self.names = [s.image.stem for s in self.samples]
+        self.annotators = len(self.samples[0].masks) if annotator is None else 1
+        self.annotator = annotator
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         image, labels, _ = decode_sample(self.samples[i], self.table, self.coding)
-        labels = torch.from_numpy(labels)
+        labels = torch.from_numpy(labels if self.annotator is None else labels[self.annotator:self.annotator + 1])
         target = labels
         if self.image_size:
             image, target = resize_image(image, self.image_size), resize_mask(labels, self.image_size)
@@ -974,6 +977,92 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.with_label:
             return image, target, labels[0] if len(labels) == 1 else labels
         return image, target
+
+
+def dataset_stats(ds, num_threads=2, progress=None):
+    """class_stats of a SegmentationDataset's masks (at its image_size), read once: its masks
+    only, without the images."""
+    size, table = ds.image_size, ds.table
+    label_hist, small_hist, image_hist = (np.zeros(256, np.int64) for _ in range(3))
+    snapped = 0
+
+    def one(sample):
+        labels, n = [], 0
+        for path in sample.masks:
+            m, s = read_mask(path, table, ds.coding)
+            labels.append(m)
+            n += s
+        labels = np.stack(labels)
+        if sample.roi is not None:
+            labels[:, ~load_roi(sample.roi, labels.shape[1:], sample.image)] = table.ignore_index
+        small = resize_mask(torch.from_numpy(labels), size).numpy() if size else labels
+        return np.bincount(labels.ravel(), minlength=256), [np.bincount(m.ravel(), minlength=256) for m in small], n
+
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        results = pool.map(one, ds.samples)
+        if progress:
+            results = progress(results, total=len(ds.samples), desc="reading masks")
+        for full, small, n in results:
+            label_hist += full
+            snapped += n
+            for c in small:
+                small_hist += c
+                image_hist += (c > 0) * int(c.sum())
+    return class_stats_from_hist(label_hist, small_hist, image_hist, table, snapped)
+
+
+class DecodingSplit:
+    """Split's interface (images[idx], masks[idx], label_masks[i], names) over a
+    SegmentationDataset that decodes on access: for validation without a cache. The items of
+    the last batch are kept, nothing more, so memory does not grow with the split."""
+
+    def __init__(self, ds, keep=64):
+        self.ds, self.keep, self._items = _copy(ds, with_label=True), keep, {}
+        self.names, self.stats, self.notes, self.cache = ds.names, None, [], None
+        self.images, self.masks, self.label_masks = _Rows(self, 0), _Rows(self, 1), _Rows(self, 2)
+
+    def __len__(self):
+        return len(self.ds)
+
+    @property
+    def annotators(self):
+        return self.ds.annotators
+
+    def annotation(self, k):
+        """The split with annotator k's masks only."""
+        return self if self.annotators == 1 else DecodingSplit(_copy(self.ds, annotator=k, annotators=1), self.keep)
+
+    def item(self, i):
+        if i not in self._items:
+            if len(self._items) >= self.keep:
+                self._items.clear()
+            self._items[i] = self.ds[i]
+        return self._items[i]
+
+
+def _copy(ds, **changes):
+    """A shallow copy of a SegmentationDataset with some attributes changed (no rescan)."""
+    out = SegmentationDataset.__new__(SegmentationDataset)
+    out.__dict__.update(ds.__dict__, **changes)
+    return out
+
+
+class _Rows:
+    """split.images / .masks / .label_masks of a DecodingSplit: one index gives one item, a
+    list, range, slice or tensor of indices a stacked batch."""
+
+    def __init__(self, split, part):
+        self.split, self.part = split, part
+
+    def __getitem__(self, idx):
+        if isinstance(idx, int):
+            return self.split.item(idx)[self.part]
+        if isinstance(idx, slice):
+            idx = range(*idx.indices(len(self.split)))
+        return torch.stack([self.split.item(int(i))[self.part] for i in idx])
+
+    def __len__(self):
+        return len(self.split)
 
 
 def collate_with_labels(batch):
@@ -991,8 +1080,8 @@ class LabelMasks:
     """Each image's label at its own size, stored flat: item i is a (h, w) uint8 tensor, or
     (K, h, w) with K annotators, viewing the flat array (a memory map of the cache) without a copy."""
 
-    def __init__(self, flat, offsets, shapes, annotators):
-        self.flat, self.offsets, self.shapes, self.annotators = flat, offsets, shapes, annotators
+    def __init__(self, flat, offsets, shapes, annotators, pick=None):
+        self.flat, self.offsets, self.shapes, self.annotators, self.pick = flat, offsets, shapes, annotators, pick
 
     def __len__(self):
         return len(self.shapes)
@@ -1001,8 +1090,10 @@ class LabelMasks:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         h, w = (int(v) for v in self.shapes[i])
-        a = self.flat[int(self.offsets[i]):int(self.offsets[i + 1])]
-        return torch.from_numpy(a.reshape((self.annotators, h, w) if self.annotators > 1 else (h, w)))
+        a = self.flat[int(self.offsets[i]):int(self.offsets[i + 1])].reshape(self.annotators, h, w)
+        if self.pick is not None:
+            return torch.from_numpy(a[self.pick])
+        return torch.from_numpy(a if self.annotators > 1 else a[0])
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -1030,6 +1121,14 @@ class Split:
     def annotators(self):
         return self.masks.shape[1] if self.masks.dim() == 4 else 1
 
+    def annotation(self, k):
+        """The split with annotator k's masks only, as single-annotator data."""
+        if self.annotators == 1:
+            return self
+        lm = self.label_masks
+        return replace(self, masks=self.masks[:, k], label_masks=LabelMasks(lm.flat, lm.offsets, lm.shapes,
+                                                                            lm.annotators, k))
+
 
 def default_cache_dir():
     """$XDG_CACHE_HOME/segvae, else ~/.cache/segvae."""
@@ -1039,8 +1138,9 @@ def default_cache_dir():
 def cache_key(samples, table, image_size):
     """What a cache depends on: every file (path, size, mtime), the training size, the class
     table and the code version. 16 hex digits of its SHA-256."""
-    h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "size": list(image_size),
-                                   "table": table.to_dict()}, sort_keys=True).encode())
+    labelling = {k: v for k, v in table.to_dict().items() if k != "source"}  # moving the table file changes nothing
+    h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "size": list(image_size), "table": labelling},
+                                  sort_keys=True).encode())
     for s in samples:
         for p in (s.image, *s.masks, *([s.roi] if s.roi is not None else [])):
             st = os.stat(p)

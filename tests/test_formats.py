@@ -406,6 +406,17 @@ def test_annotators_from_list_file_folders_and_drive(tmp_path):
                                             for i in range(2))
 
 
+def test_one_annotation_of_a_multi_annotator_split(tmp_path):
+    drive(tmp_path / "test", second=True)
+    table = dataset.ClassTable(["background", "vessel"], [None, None], 255)
+    both = dataset.load_split(tmp_path / "test", table, (6, 8))
+    second = both.annotation(1)
+    assert second.annotators == 1 and torch.equal(second.masks, both.masks[:, 1])
+    assert torch.equal(second.label_masks[1], both.label_masks[1][1])
+    lazy = dataset.DecodingSplit(dataset.SegmentationDataset(tmp_path / "test", table, (6, 8))).annotation(1)
+    assert torch.equal(lazy.masks[[0, 1]], second.masks) and torch.equal(lazy.label_masks[0], second.label_masks[0])
+
+
 def test_annotator_count_must_agree(tmp_path):
     drive(tmp_path / "test", second=True)
     (tmp_path / "list.txt").write_text("test/images/21_training.tif test/1st_manual/21_manual1.gif "
@@ -447,6 +458,10 @@ def test_dataset_with_dataloader_workers_matches_the_split(tmp_path):
     labels = [label for b in batches for label in b[2]]
     assert torch.equal(images, split.images) and torch.equal(masks, split.masks)
     assert all(torch.equal(a, b) for a, b in zip(labels, split.label_masks))
+    assert dataset.dataset_stats(ds) == split.stats  # what --cache 0 computes for the class weights
+    lazy = dataset.DecodingSplit(ds)  # validation without a cache
+    assert torch.equal(lazy.images[[3, 1]], split.images[[3, 1]]) and torch.equal(lazy.masks[2:4], split.masks[2:4])
+    assert torch.equal(lazy.label_masks[4], split.label_masks[4]) and len(lazy) == 5
     image, mask = dataset.SegmentationDataset(tmp_path / "train", table)[0]  # no size: the file's own
     assert image.shape == (3, 12, 16) and mask.shape == (12, 16) and mask.dtype == torch.uint8
 
