@@ -38,6 +38,7 @@ def make_checkpoint(model, table, image_size, run_config, **fields):
         "colours": [list(c) if c else None for c in table.colours],
         "ignore_index": int(table.ignore_index),
         "void_colour": list(table.void_colour) if table.void_colour else None,
+        "class_table": table.to_dict(),  # all of it, e.g. the mask values of a table whose void row is not last
         "image_size": list(image_size),
         **fields,
     }
@@ -97,6 +98,8 @@ def build_model(ckpt, path="checkpoint", device="cpu"):
 def table_from_checkpoint(ckpt):
     """The class table the model was trained with, void colour included (so colour masks that
     contain void can be scored)."""
+    if isinstance(ckpt.get("class_table"), dict):
+        return ClassTable.from_dict(ckpt["class_table"])
     void = ckpt.get("void_colour")
     return ClassTable(names=list(ckpt["classes"]), colours=[tuple(c) if c else None for c in ckpt["colours"]],
                       ignore_index=int(ckpt["ignore_index"]), void_colour=tuple(void) if void else None)

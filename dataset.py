@@ -231,10 +231,10 @@ def find_class_table(split_path):
 
 
 def make_class_table(classes_path, data_path, num_classes=None, ignore_index=None, mask_suffix=None,
-                     num_threads=2, progress=None):
+                     num_threads=2, progress=None, also=()):
     """The class table from --classes, else next to the data, else --num_classes generic names,
-    else read off the training masks: a palette PNG's palette (Pascal VOC) or two classes for
-    binary masks (0/1 or 0/255)."""
+    else read off the masks of `data_path` and the splits in `also` (validation): a palette
+    PNG's palette (Pascal VOC) or two classes for binary masks (0/1 or 0/255)."""
     if classes_path and not Path(classes_path).is_file():
         raise DataError(f"class table {classes_path} does not exist; give --classes a CSV file with rows "
                         "index,name,r,g,b or name,r,g,b")
@@ -261,14 +261,15 @@ def make_class_table(classes_path, data_path, num_classes=None, ignore_index=Non
                           source=f"--num_classes {num_classes}")
     if data_path is None:
         raise DataError("no class table: give --classes TABLE.csv or --num_classes N")
-    return infer_class_table(data_path, ignore_index, mask_suffix, num_threads, progress)
+    return infer_class_table([data_path, *also], ignore_index, mask_suffix, num_threads, progress)
 
 
-def infer_class_table(data_path, ignore_index=None, mask_suffix=None, num_threads=2, progress=None):
-    """A table read off the masks of a split with no class table: palette masks give the classes
+def infer_class_table(data_paths, ignore_index=None, mask_suffix=None, num_threads=2, progress=None):
+    """A table read off the masks of splits with no class table: palette masks give the classes
     and colours (values 0..max, void 255), binary masks (0/1 or 0/255, also JPEG) two classes."""
-    samples = find_samples(data_path, mask_suffix, roi=False)
-    scan = scan_masks(samples, None, num_threads, progress, f"reading masks of {Path(data_path).name}")
+    data_path = data_paths[0]
+    samples = [s for p in data_paths for s in find_samples(p, mask_suffix, roi=False)]
+    scan = scan_masks(samples, None, num_threads, progress, "reading masks for the class table")
     void = 255 if ignore_index is None else ignore_index
     where = f"no class table (classes.csv, class_dict.csv, label_colors.txt) found next to {data_path}"
     present = np.flatnonzero(scan.counts)
@@ -948,7 +949,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     batch it with `collate_with_labels`).
 
     How mask values become labels is decided from up to `scan_limit` masks spread over the split
-    (the cached path reads them all); a later mask that does not fit raises a DataError.
+    (None: all of them, as the cached path); a later mask that does not fit raises a DataError.
     `annotator=k` keeps annotator k's masks only."""
 
     def __init__(self, path, table, image_size=None, transforms=None, mask_suffix=None, roi=True,
@@ -956,11 +957,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.samples = find_samples(path, mask_suffix, roi)
         self.table, self.transforms, self.with_label = table, transforms, with_label
         self.image_size = tuple(image_size) if image_size else None
-        step = max(1, len(self.samples) // scan_limit)
+        step = max(1, len(self.samples) // scan_limit) if scan_limit else 1
         self.coding = mask_coding(scan_masks(self.samples[::step][:scan_limit], table, num_threads), table)
         self.names = [s.image.stem for s in self.samples]
         self.annotators = len(self.samples[0].masks) if annotator is None else 1
         self.annotator = annotator
+        self.notes = [n for n in self.coding.note.split("; ") if n]  # what was decided, for the log
+        self.stats = None  # class_stats, once dataset_stats has read every mask
 
     def __len__(self):
         return len(self.samples)
@@ -981,7 +984,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 def dataset_stats(ds, num_threads=2, progress=None):
     """class_stats of a SegmentationDataset's masks (at its image_size), read once: its masks
-    only, without the images."""
+    only, without the images. A note on snapped pixels goes to ds.notes."""
     size, table = ds.image_size, ds.table
     label_hist, small_hist, image_hist = (np.zeros(256, np.int64) for _ in range(3))
     snapped = 0
@@ -1008,7 +1011,15 @@ def dataset_stats(ds, num_threads=2, progress=None):
             for c in small:
                 small_hist += c
                 image_hist += (c > 0) * int(c.sum())
-    return class_stats_from_hist(label_hist, small_hist, image_hist, table, snapped)
+    stats = class_stats_from_hist(label_hist, small_hist, image_hist, table, snapped)
+    if snapped:
+        ds.notes.append(_snapped_note(snapped, stats["label_total"], "the training split"))
+    return stats
+
+
+def _snapped_note(snapped, total, name):
+    return (f"snapped {snapped} of {total} mask pixels of {name} ({100 * snapped / total:.2f}%) to the nearest "
+            "class value or colour: lossy (JPEG) masks")
 
 
 class DecodingSplit:
@@ -1018,7 +1029,7 @@ class DecodingSplit:
 
     def __init__(self, ds, keep=64):
         self.ds, self.keep, self._items = _copy(ds, with_label=True), keep, {}
-        self.names, self.stats, self.notes, self.cache = ds.names, None, [], None
+        self.names, self.stats, self.notes, self.cache = ds.names, ds.stats, ds.notes, None
         self.images, self.masks, self.label_masks = _Rows(self, 0), _Rows(self, 1), _Rows(self, 2)
 
     def __len__(self):
@@ -1295,8 +1306,7 @@ def _build(samples, table, size, folder, num_threads, progress, name):
     notes = [note for note in coding.note.split("; ") if note]
     labelled = stats["label_total"]
     if snapped:
-        notes.append(f"snapped {snapped} of {labelled} mask pixels of {name} ({100 * snapped / labelled:.2f}%) "
-                     "to the nearest class value or colour: lossy (JPEG) masks")
+        notes.append(_snapped_note(snapped, labelled, name))
     if labelled and stats["void_pixels"] > 0.5 * labelled:
         notes.append(f"warning: {100 * stats['void_pixels'] / labelled:.0f}% of the mask pixels of {name} are void "
                      f"({table.ignore_index}); check --ignore_index and the class table")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from checkpoint import build_model, load_checkpoint, save_checkpoint, table_from_checkpoint
 from cli import Parser, make_output_dir, refuse, write_atomic, write_csv, write_json
-from dataset import IMAGE_EXTENSIONS, DataError, find_pairs, load_image, load_mask, palette
+from dataset import IMAGE_EXTENSIONS, DataError, SegmentationDataset, load_image, load_mask, palette
 from evaluate import RESOLUTIONS, Predictor, SplitScores, TemperatureFit, format_scores
 from figures import (colourize, save_confusion, save_examples, save_figure, save_labels, save_map, save_reliability,
                      save_rgb)
@@ -149,16 +149,16 @@ def temperature_for(ckpt, predictor):
     return 1.0
 
 
-def calibrate(args, ckpt, predictor, pairs, table):
+def calibrate(args, ckpt, predictor, split, table):
     """Fit the temperature on the split (a pass of its own: every probability of the evaluation
     pass depends on it, and holding the split's logits until it is known would take S x C floats
     per pixel), store it under the predictor's settings in <checkpoint>.calibrated.pt."""
-    fit = TemperatureFit(table.ignore_index, per_image=max(1, 400_000 // len(pairs)), seed=args.seed)
-    for _, _, truth, logits in predictions(predictor, pairs, table, args.batch_size, "fitting temperature"):
+    fit = TemperatureFit(table.ignore_index, per_image=max(1, 400_000 // len(split)), seed=args.seed)
+    for _, _, truth, logits in predictions(predictor, split, args.batch_size, "fitting temperature"):
         fit.add(predictor.at_size(logits, truth.shape), truth)
     t, before, after = fit.fit()
     calibrated = {**ckpt, "calibration": {**fitted_temperatures(ckpt), predictor.settings(): {
-        "temperature": t, "data": str(args.test_path), "images": len(pairs), "nll_before": before,
+        "temperature": t, "data": str(args.test_path), "images": len(split), "nll_before": before,
         "nll_after": after}}}
     calibrated.pop("temperature", None)
     path = calibrated_path(args.model_path)
@@ -172,21 +172,30 @@ def calibrate(args, ckpt, predictor, pairs, table):
 # one pass over images
 
 
-def predictions(predictor, pairs, table, batch_size, desc):
-    """Decode each (image, mask) pair, run the network on `batch_size` images at a time and yield
-    (index, image (3, H, W) uint8, truth (H, W), logits (S, F, C, h, w)), with a progress bar
-    when stderr is a terminal."""
+def open_split(args, table):
+    """The pairs of --test_path at their own size, their mask values read as training read them
+    (decided from all the split's masks: 0/255 binary masks, JPEG snapping), labels outside a
+    region of interest void; with several annotators, the first annotator's masks."""
+    split = SegmentationDataset(args.test_path, table, mask_suffix=args.mask_suffix, roi=bool(args.roi),
+                                scan_limit=None, num_threads=torch.get_num_threads())
+    for note in split.notes:
+        print(note)
+    if split.annotators > 1:
+        print(f"note: {args.test_path} has {split.annotators} annotations per image; the scores are against the first")
+        split = SegmentationDataset(args.test_path, table, mask_suffix=args.mask_suffix, roi=bool(args.roi),
+                                    scan_limit=None, num_threads=torch.get_num_threads(), annotator=0)
+    return split
+
+
+def predictions(predictor, split, batch_size, desc):
+    """Decode each (image, mask) pair of a SegmentationDataset, run the network on `batch_size`
+    images at a time and yield (index, image (3, H, W) uint8, truth (H, W), logits (S, F, C, h, w)),
+    with a progress bar when stderr is a terminal."""
     predictor.restart()
-    bar = tqdm(total=len(pairs), desc=desc, unit="image", disable=None, leave=False)
+    bar = tqdm(total=len(split), desc=desc, unit="image", disable=None, leave=False)
     try:
-        for start in range(0, len(pairs), batch_size):
-            batch = []
-            for image_path, mask_path in pairs[start:start + batch_size]:
-                image, truth = load_image(image_path), load_mask(mask_path, table)
-                if image.shape[-2:] != truth.shape:
-                    raise DataError(f"image {image_path} is {image.shape[2]}x{image.shape[1]} but its mask "
-                                    f"{mask_path} is {truth.shape[1]}x{truth.shape[0]}; they must be the same size")
-                batch.append((image, truth))
+        for start in range(0, len(split), batch_size):
+            batch = [split[i] for i in range(start, min(start + batch_size, len(split)))]  # size checked there
             for k, ((image, truth), logits) in enumerate(zip(batch, predictor.logits([b[0] for b in batch]))):
                 yield start + k, image, truth, logits
                 bar.update()
@@ -265,17 +274,17 @@ def run_split(args, ckpt, predictor, temperature):
     metrics.json, plots, examples and, with --save_predictions, per-image masks."""
     table = table_from_checkpoint(ckpt)
     pal = palette(table)
-    pairs = find_pairs(args.test_path)
-    names = output_names([p[0] for p in pairs])
+    split = open_split(args, table)
+    names = output_names([s.image for s in split.samples])
     out_dir, existing = prepare_output(args, predictor)
     if args.calibrate:
-        temperature = calibrate(args, ckpt, predictor, pairs, table)
+        temperature = calibrate(args, ckpt, predictor, split, table)
     t0 = time.time()
-    n_ex = min(args.examples, len(pairs))
-    picks = {round(i * (len(pairs) - 1) / max(n_ex - 1, 1)) for i in range(n_ex)}
+    n_ex = min(args.examples, len(split))
+    picks = {round(i * (len(split) - 1) / max(n_ex - 1, 1)) for i in range(n_ex)}
     split_scores = SplitScores(table.num_classes, table.ignore_index, args.samples)
     examples, written = [], []
-    for i, image, truth, logits in predictions(predictor, pairs, table, args.batch_size, "evaluating"):
+    for i, image, truth, logits in predictions(predictor, split, args.batch_size, "evaluating"):
         maps = uncertainty_maps(predictor.probs(logits, truth.shape, temperature)[:, None])
         split_scores.update(maps, truth)
         if args.save_predictions or i in picks:
@@ -287,7 +296,7 @@ def run_split(args, ckpt, predictor, temperature):
                                  image_scores(pred, truth, table)["miou"]))
     seconds = time.time() - t0
     metrics = split_scores.result()
-    print(f"{args.test_path}: {len(pairs)} images, {predictor.settings()}, temperature {temperature:.3f}; "
+    print(f"{args.test_path}: {len(split)} images, {predictor.settings()}, temperature {temperature:.3f}; "
           "scored at each label's resolution, void ignored")
     print(format_scores(metrics, table.names))
     cal = metrics["calibration"]
@@ -296,7 +305,7 @@ def run_split(args, ckpt, predictor, temperature):
           "   (finding the wrong pixels; mIoU of the most certain pixels)")
     for name, u in metrics["uncertainty"].items():
         print(f"{name:<16}{u['auroc']:>8.4f}" + "".join(f"{c['miou'] * 100:>10.1f}" for c in u["coverage"]))
-    metrics.update({"classes": table.names, "confusion_matrix": split_scores.cm.tolist(), "images": len(pairs),
+    metrics.update({"classes": table.names, "confusion_matrix": split_scores.cm.tolist(), "images": len(split),
                     "data": str(args.test_path), "checkpoint": str(args.model_path), "samples": args.samples,
                     "flip": args.flip, "resolution": args.resolution, "seed": args.seed,
                     "temperature": temperature})
@@ -309,7 +318,7 @@ def run_split(args, ckpt, predictor, temperature):
         save_examples(files[-1], examples, pal, table.names)
     report_replaced(written + files, existing, out_dir)
     masks = f", and {len(written) // 2} images' _labels.png and _mask.png" if written else ""
-    print(f"evaluated {len(pairs)} images in {seconds:.1f} s ({seconds / len(pairs):.2f} s per image); wrote "
+    print(f"evaluated {len(split)} images in {seconds:.1f} s ({seconds / len(split):.2f} s per image); wrote "
           + ", ".join(map(str, files)) + masks)
     return metrics
 
@@ -325,6 +334,10 @@ def get_args(argv=None):
     p.add_argument("--mask_path", help="ground-truth mask of --test_image_path: adds it, an error map "
                    "and this image's IoU to the figure")
     p.add_argument("--test_path", help="a labelled split to evaluate (same layouts as training data)")
+    p.add_argument("--mask_suffix", help="with --test_path: use the masks named <image name><SUFFIX> where a "
+                   "folder holds several per image (as train.py --mask_suffix)")
+    p.add_argument("--roi", type=int, default=1, choices=[0, 1], help="with --test_path: labels outside "
+                   "region-of-interest masks are void (as train.py --roi)")
     p.add_argument("--output_dir", help="where outputs go (default: predictions/<checkpoint's folder>_<checkpoint "
                    "name>, a folder per checkpoint)")
     p.add_argument("--save_predictions", action="store_true", help="with --test_path: also write each image's "

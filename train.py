@@ -41,12 +41,28 @@ DEFAULT_EPOCHS = 8
 def get_args(argv=None):
     p = Parser(description="Train the segmentation VAE.")
     d = p.add_argument_group("data")
-    d.add_argument("--train_path", help="training split: a folder with images/ and masks/, a folder X "
-                   "with sibling Xannot/, or a list file of 'image mask' lines (default: the demo set)")
+    d.add_argument("--train_path", help="training split: a folder with images/ and masks/ (or labels/, "
+                   "1st_manual/), a folder X with a sibling Xannot/, X_labels/ or X_masks/, a list file of "
+                   "'image mask' lines, or a Pascal VOC ID list VOC/ImageSets/Segmentation/train.txt "
+                   "(default: the demo set)")
     d.add_argument("--val_path", help="validation split, same layouts (default: the demo val set, or "
                    "none when --train_path is given without it)")
-    d.add_argument("--classes", help="class table CSV (index,name,r,g,b or name,r,g,b); default: "
-                   "classes.csv or class_dict.csv next to the data")
+    d.add_argument("--classes", help="class table: classes.csv (index,name,r,g,b), class_dict.csv "
+                   "(name,r,g,b), label_colors.txt (r g b name) or labelmap.txt (default: one of those next "
+                   "to the data, else read off the masks: a palette PNG's palette, or two classes for binary masks)")
+    d.add_argument("--mask_suffix", help="use the masks named <image name><SUFFIX> (e.g. _L) where a folder "
+                   "holds several masks per image; '' for masks named like their images (default: pair by "
+                   "name, ignoring a suffix every mask shares)")
+    d.add_argument("--roi", type=int, default=1, choices=[0, 1],
+                   help="use region-of-interest masks (roi/, fov/, DRIVE's mask/ beside 1st_manual/, or roi=PATH "
+                   "in list files): labels outside them are void")
+    d.add_argument("--cache", type=int, default=1, choices=[0, 1],
+                   help="1: decode each split once into a memory-mapped uint8 cache in --cache_dir, reused by "
+                   "later runs, resumes and torchrun processes; 0: decode every batch again in --workers "
+                   "processes (for data read once)")
+    d.add_argument("--cache_dir", help="where the caches live (default: $XDG_CACHE_HOME/segvae, else "
+                   "~/.cache/segvae; delete it to free the space)")
+    d.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding batches with --cache 0")
     d.add_argument("--num_classes", type=int, help="number of classes when there is no class table")
     d.add_argument("--ignore_index", type=int, help="void label excluded from loss and metrics "
                    "(default: the table's Unlabelled/void row, else 255)")
@@ -127,7 +143,7 @@ def check_args(args):
             continue
         if not value > 0:
             raise DataError(f"--{name} {value} must be greater than 0")
-    for name in ("kl_weight", "free_bits", "grad_clip", "weight_decay", "skip_nonfinite", "threads"):
+    for name in ("kl_weight", "free_bits", "grad_clip", "weight_decay", "skip_nonfinite", "threads", "workers"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name} {getattr(args, name)} must not be negative")
     if not 0 <= args.warmup < 1 or not 0 <= args.kl_warmup <= 1:
@@ -198,8 +214,12 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
              torch.get_rng_state())
     probe_ctx = dict(ctx, scheduler=types.SimpleNamespace(step=lambda: None), total_steps=1)
     probe = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "nonfinite": 0, "partial": new_partial(ctx["device"])}
-    sub = dataset.Split(train.images[:args.batch_size], train.masks[:args.batch_size], [],
-                        train.names[:args.batch_size])
+    if isinstance(train, dataset.SegmentationDataset):  # --cache 0: the probe decodes its batch too
+        sub = copy.copy(train)
+        sub.samples, sub.names = train.samples[:args.batch_size], train.names[:args.batch_size]
+    else:
+        sub = dataset.Split(train.images[:args.batch_size], train.masks[:args.batch_size], [],
+                            train.names[:args.batch_size])
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -238,8 +258,7 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
 
 
 def median_frequency_weights(masks, num_classes, ignore_index):
-    """w_c = median(freq) / freq_c, freq_c = pixels of class c / pixels of images holding c
-    (Eigen & Fergus 2015). Classes absent from the training masks get weight 0."""
+    """median_frequency_weights_of counted over masks (N, H, W)."""
     counts = torch.zeros(num_classes, dtype=torch.float64)
     present_pixels = torch.zeros(num_classes, dtype=torch.float64)
     for m in masks:
@@ -247,9 +266,18 @@ def median_frequency_weights(masks, num_classes, ignore_index):
         c = torch.bincount(m[m != ignore_index].clamp_max(num_classes - 1), minlength=num_classes).double()
         counts += c
         present_pixels += (c > 0).double() * m.numel()
+    return median_frequency_weights_of(counts, present_pixels)
+
+
+def median_frequency_weights_of(counts, present_pixels):
+    """w_c = median(freq) / freq_c, freq_c = pixels of class c / pixels of images holding c
+    (Eigen & Fergus 2015), from the two per-class counts (a cache's stats hold them). Classes
+    absent from the training masks get weight 0."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    present_pixels = torch.as_tensor(present_pixels, dtype=torch.float64)
     freq = counts / present_pixels.clamp_min(1)
     present = counts > 0
-    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights = torch.zeros(len(counts), dtype=torch.float64)
     weights[present] = freq[present].quantile(0.5) / freq[present]  # the usual median (mean of middle two)
     return weights.float()
 
@@ -282,7 +310,9 @@ def all_reduce_sums(sums, world):
 
 
 def load_data(args, is_main):
-    """Training and validation splits, the class table and the training size."""
+    """Training and validation splits, the class table and the training size. With --cache 1
+    the splits are memory-mapped caches (dataset.load_split); with --cache 0 training reads a
+    SegmentationDataset through DataLoader workers and validation decodes per batch."""
     size = tuple(args.image_size or (dataset.DEMO_SIZE if args.train_path is None else (240, 320)))
     if args.crop_size and (args.crop_size[0] > size[0] or args.crop_size[1] > size[1]):
         raise DataError(f"--crop_size {args.crop_size[0]} {args.crop_size[1]} is larger than the image size "
@@ -298,19 +328,56 @@ def load_data(args, is_main):
     for path in (args.train_path, args.val_path):
         if path:
             dataset.check_exists(path)  # before minutes of decoding the other split
-    table = dataset.make_class_table(args.classes, args.train_path, args.num_classes, args.ignore_index)
     bar = (lambda it, **kw: tqdm(it, disable=None, **kw)) if is_main else None  # None: terminal only
     threads = args.threads or torch.get_num_threads()
-    train = dataset.load_split(args.train_path, table, size, threads, bar)
-    val = dataset.load_split(args.val_path, table, size, threads, bar) if args.val_path else None
+    table = dataset.make_class_table(args.classes, args.train_path, args.num_classes, args.ignore_index,
+                                     args.mask_suffix, threads, bar, also=[args.val_path] if args.val_path else [])
+    paths = [p for p in (args.train_path, args.val_path) if p]
+    if args.cache:
+        cache_dir = Path(args.cache_dir) if args.cache_dir else dataset.default_cache_dir()
+        splits = [dataset.load_split(p, table, size, threads, bar, cache_dir, args.mask_suffix, bool(args.roi),
+                                     builder=is_main) for p in paths]
+    else:
+        splits = [dataset.SegmentationDataset(p, table, size, mask_suffix=args.mask_suffix, roi=bool(args.roi),
+                                              num_threads=threads) for p in paths]
+        splits[0].stats = dataset.dataset_stats(splits[0], threads, bar)  # class weights, absent classes
+        splits[1:] = [dataset.DecodingSplit(ds) for ds in splits[1:]]
+    train, val = splits[0], splits[1] if len(splits) > 1 else None
+    if is_main:
+        for note in (n for s in splits for n in s.notes):
+            print(note, file=sys.stderr if note.startswith("warning") else sys.stdout)
+        absent = dataset.absent_classes(train.stats, table)
+        if absent:
+            print(f"warning: {len(absent)} of {table.num_classes} classes appear in no training mask: "
+                  f"{', '.join(absent)}; a wrong class table or label mapping looks like this (check --classes, "
+                  "--num_classes, --ignore_index)", file=sys.stderr)
+        if val is not None and val.annotators > 1:
+            print(f"note: {args.val_path} has {val.annotators} annotations per image; validation scores the first")
+    if val is not None and val.annotators > 1:
+        val = val.annotation(0)
     return train, val, table, size
+
+
+def batches_of(train, batches, workers, device):
+    """uint8 (images (B, 3, H, W), masks (B, [K,] H, W)) of each batch of indices: indexed from
+    the cached split, or decoded by DataLoader workers from a SegmentationDataset (--cache 0)."""
+    if isinstance(train, dataset.SegmentationDataset):
+        # Its own generator: the workers' seed would otherwise be drawn from the global RNG, and
+        # the latent samples of the steps would differ from the cached path's.
+        yield from torch.utils.data.DataLoader(train, batch_sampler=batches, num_workers=workers,
+                                               pin_memory=device.type == "cuda", generator=torch.Generator())
+    else:
+        for idx in batches:
+            yield train.images[idx], train.masks[idx]
 
 
 def cache_on_device(split, device, share=0.25):
     """On a GPU, the split's uint8 training cache moves to the GPU once (CamVid train at 288x384:
     160 MB), so that steps copy nothing from the host; it stays on the host when it would fill
     more than `share` of the free GPU memory (then each batch is copied, 2.6 MB per step)."""
-    if device.type != "cuda" or split.images.nbytes + split.masks.nbytes > share * torch.cuda.mem_get_info(device)[0]:
+    if not isinstance(split, dataset.Split) or device.type != "cuda":
+        return split
+    if split.images.nbytes + split.masks.nbytes > share * torch.cuda.mem_get_info(device)[0]:
         return split
     return dataclasses.replace(split, images=split.images.to(device), masks=split.masks.to(device))
 
@@ -346,19 +413,20 @@ def train_one_epoch(model, train, state, args, ctx):
     crop = tuple(args.crop_size) if args.crop_size else None
     fixed = (dict(scale=tuple(args.scale), rotate=args.rotate) if args.augment
              else dict(scale=(1, 1), flip=False, jitter=0))
-    bar = tqdm(batches, initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
+    bar = tqdm(initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
                disable=None if ctx["is_main"] else True, leave=False, dynamic_ncols=True)  # None: terminal only
-    bar_iter = iter(bar)
-    for _ in range(state["batch_in_epoch"]):
-        next(bar_iter, None)
-    for idx in bar_iter:
-        images = dataset.normalize(train.images[idx].to(device, non_blocking=True))
-        target = train.masks[idx].to(device, non_blocking=True).long()
+    for images, target in batches_of(train, batches[state["batch_in_epoch"]:], args.workers, device):
+        images = dataset.normalize(images.to(device, non_blocking=True))
+        target = target.to(device, non_blocking=True)
+        gen = torch.Generator().manual_seed(augment_seed(args.seed, state["step"], ctx["rank"]))
+        if target.dim() == 4:  # (B, K, H, W): one of the K annotations per image, drawn each step
+            target = dataset.draw_annotations(target, gen)
+        target = target.long()
         if args.augment or crop:
-            gen = torch.Generator().manual_seed(augment_seed(args.seed, state["step"], ctx["rank"]))
             images, target = dataset.augment(images, target, gen, table.ignore_index, out_size=crop, **fixed)
         stop = train_step(model, images.contiguous(memory_format=torch.channels_last), target, state, args, ctx)
         state["batch_in_epoch"] += 1
+        bar.update()
         part = state["partial"]
         if state["step"] % 10 == 0 and ctx["is_main"] and part["images"] > 0:
             bar.set_postfix(loss=f"{float(part['loss'] / part['images']):.4f}",
@@ -596,7 +664,7 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=ids)
     class_weights = None
     if args.class_weights == "median_freq":
-        class_weights = median_frequency_weights(train.masks, table.num_classes, table.ignore_index).to(device)
+        class_weights = median_frequency_weights_of(train.stats["pixels"], train.stats["image_pixels"]).to(device)
     train = cache_on_device(train, device)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(train) / world) / args.batch_size)
@@ -639,7 +707,10 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
     if is_main:
         print(f"model: {count_parameters(raw_model) / 1e6:.2f}M parameters, {config}")
         print(f"data: {len(train)} train / {len(val) if val else 0} val images at {size[0]}x{size[1]}, "
-              f"{table.num_classes} classes, void = {table.ignore_index}")
+              f"{table.num_classes} classes, void = {table.ignore_index} (classes from {table.source}); "
+              + (f"cache {Path(train.cache).parent}" if getattr(train, "cache", None) else
+                 f"no cache: {args.workers} DataLoader worker(s) decode each batch" if not args.cache else
+                 "in memory"))
         print(f"device {device}, precision {dtype or 'fp32'}, {world} process(es), "
               f"{torch.get_num_threads()} threads, output {out}")
         print(f"schedule: {plan['epochs']} epochs, {plan['total_steps']} steps"

@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: tiny paired data on disk, CLI runners, the one-line-refusal check."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,18 @@ CAMVID = REPO.parent / "shared" / "data" / "camvid"
 TINY_MODEL = ["--widths", "8", "16", "--latent_channels", "4", "--image_size", "32", "48", "--batch_size", "4",
               "--threads", "1"]
 CLASSES_CSV = "index,name,r,g,b\n0,sky,0,0,255\n1,ground,0,255,0\n2,box,255,0,0\n3,Unlabelled,0,0,0\n"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory):
+    """The scripts cache decoded splits in $XDG_CACHE_HOME/segvae: the tests use their own, not the user's."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
 
 
 def tiny_pair(rng, h=32, w=48):

@@ -38,9 +38,13 @@ def train_args(data, out, *extra):
 
 def test_two_ranks_train_and_log_the_checkpoints_miou(uneven_data, tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run(torchrun(*train_args(uneven_data, out, "--epochs", 2)), cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+    cache = tmp_path / "cache"
+    r = subprocess.run(torchrun(*train_args(uneven_data, out, "--epochs", 2, "--cache_dir", cache)), cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    # The cache of each split was built once, by rank 0, and mapped by rank 1.
+    assert r.stdout.count("cached train in") == 1 and r.stdout.count("cached val in") == 1, r.stdout
+    assert sorted(p.name.split("-")[1] for p in cache.iterdir() if p.is_dir()) == ["train", "val"]
     # Both ranks trained: 4 images each per epoch (7 padded to 8), 2 steps of 2, 2 epochs.
     for rank in (0, 1):
         assert re.search(rf"^rank {rank} of 2: trained to step 4 on 4 of 7 images per epoch$", r.stdout, re.M), r.stdout

@@ -201,9 +201,8 @@ def voc(root, n=4, classes=21):
     ids = [f"2007_{i:06d}" for i in range(n)]
     for i, name in enumerate(ids):
         save_image(root / "JPEGImages" / f"{name}.jpg", seed=i)
-        m = label_map(rng, values=tuple(range(i * 5, i * 5 + 5)) if classes == 21 else (0, 1, 2), void=255)
-        if classes == 21 and i == n - 1:
-            m[4:8, 4:8] = 20  # the last class
+        values = tuple(range(i * 7, i * 7 + 7)) if i < 3 else (0, 5, 10, 20)  # the training images hold all 21
+        m = label_map(rng, values=values if classes == 21 else (0, 1, 2), void=255)
         img = Image.fromarray(m, mode="P")
         img.putpalette(pal)
         (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
@@ -224,7 +223,8 @@ def test_voc_id_list_with_palette_masks_and_no_class_table(tmp_path):
     assert table.num_classes == 21 and table.names == dataset.VOC_CLASSES and table.ignore_index == 255
     assert table.colours[15] == (192, 128, 128) and table.void_colour == (224, 224, 192)
     split = dataset.load_split(lists / "val.txt", table, (8, 8))
-    assert set(split.label_masks[0].unique().tolist()) == {15, 16, 17, 18, 19, 20, 255}
+    assert set(split.label_masks[0].unique().tolist()) == {0, 5, 10, 20, 255}
+    assert dataset.make_class_table(None, lists / "train.txt").num_classes == 21
 
 
 def test_voc_palette_gives_the_classes_of_a_custom_set(tmp_path):
@@ -554,3 +554,91 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
     assert dataset.default_cache_dir() == tmp_path / "segvae"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert dataset.default_cache_dir() == dataset.Path.home() / ".cache" / "segvae"
+
+
+# --- the first command a user types, per format --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def format_runs(tmp_path_factory):
+    """train.py, as a user would first run it, on each format; plus the refusals that name a flag."""
+    root = tmp_path_factory.mktemp("formats")
+    kaggle_camvid(root / "kaggle", n=4)
+    drive(root / "DRIVE" / "training", n=4)
+    lists = voc(root / "VOC2012")
+    binary_split(root / "jpeg", ".jpg", n=4, quality=80)
+    for i in range(2):  # two kinds of mask per image
+        save_image(root / "twokinds" / "train" / f"{i:03d}.png")
+        save_image(root / "twokinds" / "train_labels" / f"{i:03d}_L.png")
+        save_image(root / "twokinds" / "train_labels" / f"{i:03d}_instance.png")
+    rng = np.random.default_rng(5)
+    for i in range(2):  # grey masks with no table: which values are classes?
+        save_image(root / "grey" / "images" / f"{i}.png")
+        (root / "grey" / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(label_map(rng, values=(0, 3, 7))).save(root / "grey" / "masks" / f"{i}.png")
+    commands = {
+        "kaggle": [root / "kaggle" / "train", "--val_path", root / "kaggle" / "train"],
+        "drive": [root / "DRIVE" / "training"],
+        "voc": [lists / "train.txt", "--val_path", lists / "val.txt"],
+        "jpeg": [root / "jpeg", "--num_classes", 2],
+        "two_kinds": [root / "twokinds" / "train"],
+        "grey_no_table": [root / "grey"],
+        "voc_root": [root / "VOC2012"],
+    }
+    from conftest import TINY_MODEL, run_many
+    runs = run_many([("train.py", "--train_path", *args, "--epochs", 1, *TINY_MODEL, "--output_dir", root / name)
+                     for name, args in commands.items()], parallel=2)
+    return root, dict(zip(commands, runs))
+
+
+@pytest.mark.parametrize("name", ["kaggle", "drive", "voc", "jpeg"])
+def test_first_command_trains(format_runs, name):
+    root, runs = format_runs
+    r = runs[name]
+    assert r.returncode == 0, r.stderr
+    assert (root / name / "last.pt").exists() and "warning" not in r.stderr, r.stderr
+
+
+def test_first_command_logs_what_it_decided(format_runs):
+    _, runs = format_runs
+    assert "255 read as class 1" in runs["drive"].stdout  # DRIVE's 0/255 GIFs: vessels, not void
+    assert "2 classes, void = 255 (classes from binary masks" in runs["drive"].stdout
+    assert "snapped" in runs["jpeg"].stdout and "255 read as class 1" in runs["jpeg"].stdout
+    assert "21 classes, void = 255 (classes from the palette of" in runs["voc"].stdout
+    assert "4 classes, void = 255 (classes from" in runs["kaggle"].stdout and "class_dict.csv" in runs["kaggle"].stdout
+
+
+@pytest.mark.parametrize("name,names", [("two_kinds", ["--mask_suffix '_L'", "000_instance.png"]),
+                                        ("grey_no_table", ["--num_classes", "0-7"]),
+                                        ("voc_root", ["ImageSets", "train.txt"])])
+def test_first_command_refused_naming_the_flag(format_runs, name, names):
+    from conftest import assert_refused
+    assert_refused(format_runs[1][name], *names)
+
+
+def test_absent_class_warned_at_start(tmp_path):
+    from conftest import TINY_MODEL, run
+    kaggle_camvid(tmp_path, n=2)
+    (tmp_path / "class_dict.csv").write_text(CLASS_DICT + "Tunnel, 64, 0, 64\n")
+    r = run("train.py", "--train_path", tmp_path / "train", "--epochs", 1, *TINY_MODEL, "--output_dir", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    assert "warning: 1 of 5 classes appear in no training mask: Tunnel" in r.stderr
+
+
+def test_test_py_scores_colour_masks_holding_the_void_colour(format_runs, tmp_path):
+    from conftest import run
+    root, runs = format_runs
+    assert runs["kaggle"].returncode == 0, runs["kaggle"].stderr
+    ckpt = torch.load(root / "kaggle" / "best.pt", weights_only=True)
+    assert ckpt["void_colour"] == [0, 0, 0] and ckpt["class_table"]["void_colour"] == [0, 0, 0]
+    image = root / "kaggle" / "train" / "0001TP_006690.png"
+    mask = root / "kaggle" / "train_labels" / "0001TP_006690_L.png"
+    assert (np.asarray(Image.open(mask)) == 0).all(-1).any()  # the mask holds void's colour
+    r = run("test.py", "--test_image_path", image, "--mask_path", mask, "--model_path", root / "kaggle" / "best.pt",
+            "--output_dir", tmp_path / "one")
+    assert r.returncode == 0, r.stderr
+    r = run("test.py", "--test_path", root / "kaggle" / "train", "--model_path", root / "kaggle" / "best.pt",
+            "--output_dir", tmp_path / "split", "--examples", 0)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "split" / "metrics.json").read_text())["classes"] == ["Animal", "Sky", "Truck_Bus",
+                                                                                        "Wall"]
