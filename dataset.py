@@ -663,11 +663,11 @@ def _mask_array(img, path, table):
     if mode in ("P", "PA") and _grey_palette(img):
         # Binary GIFs store black/white as palette entries in any order: read the grey levels
         # the annotator saw, not the entry numbers.
-        return "grey", np.asarray(img.convert("L"), dtype=np.uint8)
+        return "grey", np.array(img.convert("L"), dtype=np.uint8)
     if mode in ("P", "L", "1"):
-        return "grey", np.asarray(img, dtype=np.uint8)
+        return "grey", np.array(img, dtype=np.uint8)
     if mode in ("LA", "PA"):
-        return "grey", np.asarray(img, dtype=np.uint8)[..., 0]
+        return "grey", np.array(img, dtype=np.uint8)[..., 0]
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(img)
         if a.size and (a.max() > 255 or a.min() < 0):
@@ -707,23 +707,25 @@ class MaskScan(NamedTuple):
 def scan_masks(samples, table, num_threads=2, progress=None, desc="reading masks"):
     """Read every mask once: the value histogram of grey/index masks (which decides how values
     become classes, see mask_coding), each sample's label size, and whether any mask is lossy.
-    Colour masks are only opened (their size), when the table has colours to map them."""
+    Where the table leaves one reading of the values (most tables: values are class indices),
+    and for colour masks under a table with colours, only the files' headers are read."""
     colour_table = table is not None and any(c is not None for c in table.colours)
+    headers_only = table is not None and len(_candidates(table)) == 1
 
     def one(sample):
         shapes, counts, lossy, pal = [], [], False, None
         for path in sample.masks:
             img = _open(path, "mask", load=False)
             lossy |= img.format in LOSSY_FORMATS
-            if colour_table and img.mode in ("RGB", "RGBA"):
-                shapes.append((img.size[1], img.size[0]))
+            if headers_only or (colour_table and img.mode in ("RGB", "RGBA")):
+                shapes.append((img.size[1], img.size[0]))  # EXIF may transpose it: the same pixel count
                 continue
             img = _open(path, "mask")
             kind, a = _mask_array(img, path, table)
             if kind == "colour":
                 shapes.append(a.shape[:2])
                 continue
-            counts.append((path, np.bincount(a.ravel(), minlength=256)))
+            counts.append((path, _hist(a)))
             shapes.append(a.shape)
             if img.mode in ("P", "PA") and pal is None and not _grey_palette(img):
                 raw = img.getpalette() or []
@@ -754,6 +756,12 @@ class MaskCoding(NamedTuple):
     lut: np.ndarray  # (256,) int16: value -> class index or void; -1: not allowed
     exact: np.ndarray  # (256,) bool: values taken as they are (the rest were snapped)
     note: str  # what was decided, for the log ("" when values are plain class indices)
+    identity: bool  # every allowed value is its own label: masks are used as they are
+
+
+def _hist(a):
+    """(256,) int64 pixel count of each value of a uint8 array (torch.bincount: 3x np.bincount)."""
+    return torch.bincount(torch.from_numpy(np.ascontiguousarray(a)).reshape(-1), minlength=256).numpy()
 
 
 def _index_keys(table):
@@ -769,16 +777,9 @@ def _index_keys(table):
     return keys
 
 
-def mask_coding(scan, table):
-    """Decide how mask values map to labels, from the values of the whole split (one mask alone
-    cannot tell 0/255 binary masks from 0/1 masks with void 255). Candidates: the values are the
-    class indices; with two classes, 0/255 (255 the foreground); grey levels of the table's grey
-    colours. Of those that explain every value, the one with the fewest void pixels wins: a
-    foreground is never read as void. Lossy (JPEG) masks are snapped to the nearest value of the
-    candidate that needs the least snapping."""
-    counts = scan.counts
-    index = _index_keys(table)
-    candidates = [("index", index)]
+def _candidates(table):
+    """[(name, {mask value: label})]: the readings of grey/index mask values the table allows."""
+    candidates = [("index", _index_keys(table))]
     if table.num_classes == 2 and table.values is None:
         candidates.append(("binary", {0: 0, 255: 1}))
     if table.colours and all(c is not None and c[0] == c[1] == c[2] for c in table.colours):
@@ -787,6 +788,19 @@ def mask_coding(scan, table):
             grey.setdefault(table.void_colour[0], table.ignore_index)
         if len(grey) >= table.num_classes and grey not in [k for _, k in candidates]:
             candidates.append(("grey", grey))
+    return candidates
+
+
+def mask_coding(scan, table):
+    """Decide how mask values map to labels, from the values of the whole split (one mask alone
+    cannot tell 0/255 binary masks from 0/1 masks with void 255). Candidates: the values are the
+    class indices; with two classes, 0/255 (255 the foreground); grey levels of the table's grey
+    colours. Of those that explain every value, the one with the fewest void pixels wins: a
+    foreground is never read as void. Lossy (JPEG) masks are snapped to the nearest value of the
+    candidate that needs the least snapping."""
+    counts = scan.counts
+    candidates = _candidates(table)
+    index = candidates[0][1]
     present = np.flatnonzero(counts)
     total = max(1, int(counts.sum()))
 
@@ -816,7 +830,8 @@ def mask_coding(scan, table):
         notes.append(f"masks hold 0 and 255: 255 read as class 1 ({table.names[1]}), 0 as class 0 ({table.names[0]})")
     elif name == "grey":
         notes.append("mask values read as the grey levels of the class table's colours")
-    return MaskCoding(lut, exact, "; ".join(notes))
+    identity = bool(((lut == np.arange(256)) | (lut < 0)).all())
+    return MaskCoding(lut, exact, "; ".join(notes), identity)
 
 
 def _lut(keys, snap):
@@ -874,13 +889,14 @@ def read_mask(path, table, coding):
     if kind == "colour":
         labels, snapped = _colour_labels(a, path, table, img.format in LOSSY_FORMATS)
         return labels.astype(np.uint8), snapped
-    labels = coding.lut[a]
-    if (labels < 0).any():
-        bad = int(a[labels < 0][0])
-        raise DataError(f"mask {path} has label {bad} but the class table has {table.num_classes} classes "
+    hist = _hist(a)
+    bad = np.flatnonzero((hist > 0) & (coding.lut < 0))
+    if len(bad):
+        raise DataError(f"mask {path} has label {bad[0]} but the class table has {table.num_classes} classes "
                         f"(0-{table.num_classes - 1}) and void is {table.ignore_index}; fix the mask, or give "
                         "--classes / --num_classes / --ignore_index to match it")
-    return labels.astype(np.uint8), int((~coding.exact[a]).sum())
+    labels = a if coding.identity else np.take(coding.lut.astype(np.uint8), a)
+    return labels, int(hist[~coding.exact].sum())
 
 
 def load_mask(path, table):
@@ -999,7 +1015,7 @@ def dataset_stats(ds, num_threads=2, progress=None):
         if sample.roi is not None:
             labels[:, ~load_roi(sample.roi, labels.shape[1:], sample.image)] = table.ignore_index
         small = resize_mask(torch.from_numpy(labels), size).numpy() if size else labels
-        return np.bincount(labels.ravel(), minlength=256), [np.bincount(m.ravel(), minlength=256) for m in small], n
+        return _hist(labels), [_hist(m) for m in small], n
 
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         results = pool.map(one, ds.samples)
@@ -1284,8 +1300,7 @@ def _build(samples, table, size, folder, num_threads, progress, name):
         arrays["masks"][i] = small[0] if k == 1 else small
         arrays["labels"][offsets[i]:offsets[i + 1]] = labels.ravel()
         shapes[i] = labels.shape[1:]
-        return (np.bincount(labels.ravel(), minlength=256),
-                np.stack([np.bincount(s.ravel(), minlength=256) for s in small]), snapped)
+        return _hist(labels), np.stack([_hist(m) for m in small]), snapped
 
     label_hist, small_hist, image_hist = (np.zeros(256, np.int64) for _ in range(3))
     snapped = 0
