@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CLASSES_CSV, write_split
 from PIL import Image
 
@@ -79,14 +80,20 @@ def test_load_split_resizes_and_keeps_label_resolution(tmp_path):
 def test_augment_keeps_images_and_masks_aligned():
     # The image's red channel holds the label, so after any joint transform the two must agree.
     g = torch.Generator().manual_seed(0)
-    masks = torch.randint(0, 4, (6, 4, 6)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # (6, 32, 48)
+    masks = torch.randint(0, 4, (6, 4, 6), generator=torch.Generator().manual_seed(0))  # (6, 4, 6) blocks
+    masks = masks.repeat_interleave(8, 1).repeat_interleave(8, 2)  # (6, 32, 48)
     images = torch.stack([masks.float() * 10, torch.zeros_like(masks, dtype=torch.float),
                           torch.zeros_like(masks, dtype=torch.float)], 1)
     out, out_masks = dataset.augment(images, masks, g, ignore_index=255, jitter=0)
     assert out.shape == images.shape and out_masks.shape == masks.shape
     valid = out_masks != 255
     agree = (out[:, 0] / 10).round().long() == out_masks
-    assert agree[valid].float().mean() > 0.95  # only block borders may differ (bilinear vs nearest)
+    # Only block borders may differ (bilinear vs nearest): within 2 pixels of a label change,
+    # the reach of a 1.5x zoom's bilinear blend. (A share of agreeing pixels, > 0.95, failed
+    # for about 1 in 15 random draws of the blocks.)
+    m = out_masks.float()[:, None]  # (B, 1, H, W)
+    near_border = (F.max_pool2d(m, 5, 1, 2) != -F.max_pool2d(-m, 5, 1, 2))[:, 0]
+    assert not (valid & ~agree & ~near_border).any() and agree[valid].float().mean() > 0.9
     assert not torch.equal(out_masks, masks)  # something actually changed
     again = dataset.augment(images, masks, torch.Generator().manual_seed(0), 255, jitter=0)
     assert torch.equal(again[1], out_masks)  # reproducible from the generator
@@ -124,7 +131,8 @@ def test_crop_at_zoom_one_is_a_window_of_image_and_mask():
 
 def test_zoomed_out_crop_keeps_image_and_mask_aligned():
     g = torch.Generator().manual_seed(2)
-    masks = torch.randint(0, 4, (6, 4, 6)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # (6, 32, 48)
+    masks = torch.randint(0, 4, (6, 4, 6), generator=torch.Generator().manual_seed(0))  # (6, 4, 6) blocks
+    masks = masks.repeat_interleave(8, 1).repeat_interleave(8, 2)  # (6, 32, 48)
     images = (masks.float() * 10)[:, None].repeat(1, 3, 1, 1)
     out, out_masks = dataset.augment(images, masks, g, 255, scale=(0.5, 2.0), jitter=0, out_size=(16, 24))
     valid = out_masks != 255
