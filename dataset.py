@@ -984,6 +984,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def annotation(self, k):
+        """The dataset with annotator k's masks only (no rescan)."""
+        return self if self.annotators == 1 and self.annotator is None else _copy(self, annotator=k, annotators=1)
+
     def __getitem__(self, i):
         image, labels, _ = decode_sample(self.samples[i], self.table, self.coding)
         labels = torch.from_numpy(labels if self.annotator is None else labels[self.annotator:self.annotator + 1])
@@ -1057,7 +1061,7 @@ class DecodingSplit:
 
     def annotation(self, k):
         """The split with annotator k's masks only."""
-        return self if self.annotators == 1 else DecodingSplit(_copy(self.ds, annotator=k, annotators=1), self.keep)
+        return self if self.annotators == 1 else DecodingSplit(self.ds.annotation(k), self.keep)
 
     def item(self, i):
         if i not in self._items:

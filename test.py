@@ -182,8 +182,7 @@ def open_split(args, table):
         print(note)
     if split.annotators > 1:
         print(f"note: {args.test_path} has {split.annotators} annotations per image; the scores are against the first")
-        split = SegmentationDataset(args.test_path, table, mask_suffix=args.mask_suffix, roi=bool(args.roi),
-                                    scan_limit=None, num_threads=torch.get_num_threads(), annotator=0)
+        split = split.annotation(0)
     return split
 
 

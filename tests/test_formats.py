@@ -415,6 +415,8 @@ def test_one_annotation_of_a_multi_annotator_split(tmp_path):
     assert torch.equal(second.label_masks[1], both.label_masks[1][1])
     lazy = dataset.DecodingSplit(dataset.SegmentationDataset(tmp_path / "test", table, (6, 8))).annotation(1)
     assert torch.equal(lazy.masks[[0, 1]], second.masks) and torch.equal(lazy.label_masks[0], second.label_masks[0])
+    image, target = dataset.SegmentationDataset(tmp_path / "test", table).annotation(1)[1]
+    assert target.shape == (12, 16) and torch.equal(target, second.label_masks[1])
 
 
 def test_annotator_count_must_agree(tmp_path):
@@ -642,3 +644,18 @@ def test_test_py_scores_colour_masks_holding_the_void_colour(format_runs, tmp_pa
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "split" / "metrics.json").read_text())["classes"] == ["Animal", "Sky", "Truck_Bus",
                                                                                         "Wall"]
+
+
+def test_test_py_on_drive_with_two_annotators_and_a_field_of_view(format_runs, tmp_path):
+    from conftest import run
+    root, runs = format_runs
+    assert runs["drive"].returncode == 0, runs["drive"].stderr
+    drive(tmp_path / "test", n=2, second=True)
+    r = run("test.py", "--test_path", tmp_path / "test", "--model_path", root / "drive" / "best.pt",
+            "--output_dir", tmp_path / "out", "--examples", 0)
+    assert r.returncode == 0, r.stderr
+    assert "2 annotations per image; the scores are against the first" in r.stdout
+    assert "255 read as class 1" in r.stdout  # the vessels, as in training
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.sum() == 2 * 8 * 12  # the field of view only: 8x12 pixels of each 12x16 image
