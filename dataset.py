@@ -1,5 +1,6 @@
-"""Data in: pairing images with masks, class tables, decoding, the Dataset, the on-disk cache,
-augmentation and the demo set.
+"""Data in: pairing images with masks, class tables, decoding, the Dataset, the split cache, the demo set.
+
+Also the joint augmentation of image and mask batches.
 
 A split (--train_path, --val_path, --test_path) is one of:
   1. a folder with `images/` and a labels folder (`masks/`, `labels/`, `annotations/`, `gt/`, or
