@@ -1,6 +1,6 @@
 """Evaluation metrics for the VAE segmenter.
 
-Three groups of tools live here:
+Four groups of tools live here:
 
 * confusion-matrix metrics (mIoU, pixel accuracy, class accuracy), with rows
   indexing the true class and columns the predicted class;
@@ -9,7 +9,11 @@ Three groups of tools live here:
 * ``UncertaintyMeter``, a streaming accumulator for calibration (ECE, NLL,
   Brier) and for how well the uncertainty ranks the model's own errors
   (AUROC, accuracy/mIoU versus coverage) over a whole split, without storing
-  per-pixel arrays.
+  per-pixel arrays;
+* distances between distributions of segmentations, for models that sample
+  them: the generalized energy distance with d = 1 - IoU, sample diversity and
+  Hungarian-matched IoU (``EnergyMeter``), and the mode statistics of the
+  label-flip benchmark (``ModeMeter``), each streaming image by image.
 
 All reductions are done in float64 / int64 so that sums over tens of millions
 of pixels do not lose precision.
@@ -373,3 +377,232 @@ def _binned_auroc(pos, neg):
     neg_below = neg.cumsum(0) - neg  # negatives in strictly lower bins
     wins = (pos * (neg_below + 0.5 * neg)).sum()
     return (wins / (n_pos * n_neg)).item()
+
+
+# ---------------------------------------------------------------------------
+# Distributions of segmentations: generalized energy distance and modes
+# ---------------------------------------------------------------------------
+
+
+def iou_distances(a, b, classes, valid=None):
+    """d = 1 - IoU between every map of ``a`` and every map of ``b``, the distance of the
+    generalized energy distance in Kohl et al. 2018 (sec. 4).
+
+    a: (N, H, W), b: (M, H, W) integer label maps of one image; classes: the class indices the
+    IoU is taken over; valid: (H, W) bool, the pixels to compare (None: all).
+
+    For a pair, the IoU of each class present in either map is averaged; classes absent from
+    both are skipped (Kohl et al.'s nanmean). When no class of ``classes`` occurs in either map,
+    the two agree on every evaluated class and d = 0 (Kohl et al.'s code gives NaN there).
+    Returns (N, M) float64.
+    """
+    n, m = a.shape[0], b.shape[0]
+    # uint8 labels (all < 256) make the per-class comparisons below cheaper than int64 ones.
+    a, b = a.reshape(n, -1).to(torch.uint8), b.reshape(m, -1).to(torch.uint8)
+    if valid is not None:
+        keep = valid.reshape(-1).to(a.device)
+        a, b = a[:, keep], b[:, keep]
+    k = len(classes)
+    inter = torch.zeros(n, m, k, dtype=torch.float64, device=a.device)
+    area_a = torch.zeros(n, k, dtype=torch.float64, device=a.device)
+    area_b = torch.zeros(m, k, dtype=torch.float64, device=a.device)
+    for i, c in enumerate(classes):
+        # float32 sums of 0/1 are exact up to 2^24 pixels per map.
+        ia, ib = (a == c).float(), (b == c).float()  # (N, P), (M, P)
+        inter[:, :, i] = (ia @ ib.T).double()  # (N, M) pixels of class c in both
+        area_a[:, i], area_b[:, i] = ia.sum(1).double(), ib.sum(1).double()
+    union = area_a[:, None] + area_b[None] - inter  # (N, M, K)
+    present = union > 0
+    iou = torch.where(present, inter / union.clamp_min(1), torch.zeros_like(union))
+    count = present.sum(-1)  # (N, M) classes in either map
+    mean_iou = iou.sum(-1) / count.clamp_min(1)
+    return torch.where(count > 0, 1 - mean_iou, torch.zeros_like(mean_iou))
+
+
+def matched_iou(d, weights=None):
+    """Hungarian-matched IoU between N samples and M annotations, from d = 1 - IoU (N, M).
+
+    Uniform weights (weights None: multi-annotator data): both sets are repeated up to
+    lcm(N, M) members, so each sample and each annotation is matched equally often (the
+    Hierarchical Probabilistic U-Net, Kohl et al. 2019, duplicates the ground-truth set to the
+    samples' size), and the optimal one-to-one matching (Kuhn 1955;
+    scipy.optimize.linear_sum_assignment) gives the mean IoU of matched pairs. Weighted
+    annotations (weights (M,) summing to 1: the flip modes) cannot be repeated in proportion;
+    the same matching is then the optimal transport between 1/N per sample and w_m per
+    annotation (a linear program, scipy.optimize.linprog), of which the uniform case is a
+    special case (Birkhoff: the optimum of the linear program is a permutation).
+    Returns a float in [0, 1].
+    """
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment, linprog
+
+    cost = d.detach().cpu().double().numpy()
+    n, m = cost.shape
+    if weights is None:
+        size = math.lcm(n, m)
+        big = np.repeat(np.repeat(cost, size // n, axis=0), size // m, axis=1)  # (L, L)
+        rows, cols = linear_sum_assignment(big)
+        return float(1 - big[rows, cols].mean())
+    w = weights.detach().cpu().double().numpy()
+    # Plan x (N, M) flattened row-major: rows sum to 1/N, columns to w_m, x >= 0.
+    a_rows = np.kron(np.eye(n), np.ones((1, m)))
+    a_cols = np.kron(np.ones((1, n)), np.eye(m))
+    res = linprog(cost.reshape(-1), A_eq=np.vstack([a_rows, a_cols]),
+                  b_eq=np.concatenate([np.full(n, 1 / n), w / w.sum()]), bounds=(0, None), method="highs")
+    if not res.success:
+        raise RuntimeError(f"optimal transport for the matched IoU failed: {res.message}")
+    return float(1 - res.fun)
+
+
+class EnergyMeter:
+    """Streaming generalized energy distance over a split, one image at a time.
+
+    D2_GED = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')], d = 1 - IoU (``iou_distances``), S and S'
+    the model's samples, Y and Y' the annotations (uniform weights) or the known modes with their
+    probabilities (Kohl et al. 2018, sec. 4; Szekely & Rizzo 2013, "Energy statistics"). For
+    each sample count N in ``sample_counts`` the first N samples are used, and, as in Kohl et
+    al.'s code, the expectations over pairs include each member paired with itself (d = 0), so
+    E[d(S, S')] is 0 for N = 1. Per image: the GED, its three terms (E[d(S, S')] is the sample diversity) and the
+    Hungarian-matched IoU (``matched_iou``); ``compute`` averages them over images.
+
+    Accumulators (``state()``, all combine by summing across ranks): ``sums`` (len(counts), 5)
+    float64 of per-image ged, e_sy, e_ss, e_yy, matched IoU; ``images`` () int64.
+    """
+
+    _FIELDS = ("ged", "e_sy", "e_ss", "e_yy", "matched_iou")
+
+    def __init__(self, classes, sample_counts=(1, 4, 8, 16)):
+        self.classes = list(classes)
+        self.counts = tuple(sorted(sample_counts))
+        self.reset()
+
+    def reset(self):
+        self.sums = torch.zeros(len(self.counts), len(self._FIELDS), dtype=torch.float64)
+        self.images = torch.zeros((), dtype=torch.int64)
+
+    def state(self):
+        return [self.sums, self.images]
+
+    def load_state(self, tensors):
+        self.sums, self.images = (t.detach().cpu().to(o.dtype).clone() for t, o in zip(tensors, self.state()))
+
+    @torch.no_grad()
+    def update(self, samples, annotations, weights=None, valid=None):
+        """Add one image.
+
+        samples: (S, H, W) labels, S >= max(sample_counts); annotations: (M, H, W) labels;
+        weights: (M,) probabilities of the annotations (None: uniform); valid: (H, W) bool pixels
+        to compare (None: all), e.g. the non-void pixels of the label.
+        Returns the distance matrices {"ys": (S, M), "ss": (S, S), "yy": (M, M)} (float64), which
+        ``ModeMeter.update`` reuses.
+        """
+        if samples.shape[0] < self.counts[-1]:
+            raise ValueError(f"{samples.shape[0]} samples for sample counts up to {self.counts[-1]}")
+        d_ys = iou_distances(samples, annotations, self.classes, valid).cpu()
+        d_ss = iou_distances(samples, samples, self.classes, valid).cpu()
+        d_yy = iou_distances(annotations, annotations, self.classes, valid).cpu()
+        m = annotations.shape[0]
+        w = torch.full((m,), 1 / m, dtype=torch.float64) if weights is None else weights.cpu().double()
+        e_yy = float(w @ d_yy @ w)
+        for i, n in enumerate(self.counts):
+            e_sy = float((d_ys[:n] @ w).mean())
+            e_ss = float(d_ss[:n, :n].mean())
+            hung = matched_iou(d_ys[:n], None if weights is None else w)
+            self.sums[i] += torch.tensor([2 * e_sy - e_ss - e_yy, e_sy, e_ss, e_yy, hung], dtype=torch.float64)
+        self.images += 1
+        return {"ys": d_ys, "ss": d_ss, "yy": d_yy}
+
+    def compute(self):
+        """{N: {"ged", "e_sy", "diversity" (= E[d(S, S')]), "e_yy", "matched_iou"}} averaged over
+        images; NaN when no image was added."""
+        n = int(self.images)
+        out = {}
+        for i, count in enumerate(self.counts):
+            mean = (self.sums[i] / n).tolist() if n else [math.nan] * len(self._FIELDS)
+            row = dict(zip(self._FIELDS, mean))
+            row["diversity"] = row.pop("e_ss")
+            out[count] = row
+        return out
+
+
+class ModeMeter:
+    """Streaming statistics of the flip benchmark (ambiguity.py) over a split.
+
+    switches: (M, F) bool, which flips each of the M modes makes; probs: (M,) their
+    probabilities; flips: F (source, target) class pairs.
+
+    - Pixel share of each flip: over the valid pixels whose unflipped label is the source class,
+      the sampled pixels labelled target / (source + target) (Kohl et al. 2018's pixel-wise
+      counts); its true value is the flip's probability.
+    - Mode frequencies: each sample is assigned to its nearest mode by d = 1 - IoU, as Kohl et
+      al. do. Modes that differ only in a class absent from the image are identical there and tie;
+      Kohl et al. give a tie to the first mode, which biases the frequencies whenever an image
+      lacks a flippable class, so here tied modes share the sample in proportion to their
+      probabilities. The total-variation distance 1/2 sum_m |freq_m - p_m| is then 0 for a model
+      that samples each image's modes with their true probabilities.
+    - Image share of each flip: the share of samples whose assigned mode makes the flip, over
+      images that contain the source class.
+
+    Accumulators (``state()``, all sums): ``pixels`` (F, 2) float64 sampled source / target
+    pixels; ``modes`` (M,) float64 assigned samples; ``flip_on`` (F, 2) float64 samples assigned
+    to a mode with the flip, samples counted (images with the class only).
+    """
+
+    def __init__(self, switches, probs, flips):
+        self.switches = switches.cpu().bool()
+        self.probs = probs.cpu().double()
+        self.flips = [(int(s), int(t)) for s, t in flips]
+        self.reset()
+
+    def reset(self):
+        f, m = len(self.flips), len(self.probs)
+        self.pixels = torch.zeros(f, 2, dtype=torch.float64)
+        self.modes = torch.zeros(m, dtype=torch.float64)
+        self.flip_on = torch.zeros(f, 2, dtype=torch.float64)
+
+    def state(self):
+        return [self.pixels, self.modes, self.flip_on]
+
+    def load_state(self, tensors):
+        self.pixels, self.modes, self.flip_on = (t.detach().cpu().double().clone() for t in tensors)
+
+    @torch.no_grad()
+    def update(self, samples, base_label, d_ys, valid=None):
+        """Add one image: samples (S, H, W) labels of the extended table; base_label (H, W) the
+        unflipped label; d_ys (S, M) distances of each sample to each mode (from
+        ``EnergyMeter.update``); valid (H, W) bool pixels to count (None: all)."""
+        valid = torch.ones_like(base_label, dtype=torch.bool) if valid is None else valid
+        for i, (src, tgt) in enumerate(self.flips):
+            where = (base_label == src) & valid  # (H, W)
+            on = samples[:, where]  # (S, pixels of the class)
+            self.pixels[i, 0] += (on == src).sum().item()
+            self.pixels[i, 1] += (on == tgt).sum().item()
+        d = d_ys.cpu().double()
+        # Fractional nearest-mode assignment: ties split by probability. (S, M), rows sum to 1.
+        nearest = d <= d.min(1, keepdim=True).values + 1e-12
+        share = nearest * self.probs
+        share = share / share.sum(1, keepdim=True)
+        self.modes += share.sum(0)
+        flipped = share @ self.switches.double()  # (S, F) chance each sample's mode makes flip i
+        for i, (src, _) in enumerate(self.flips):
+            if bool(((base_label == src) & valid).any()):
+                self.flip_on[i] += torch.tensor([flipped[:, i].sum().item(), flipped.shape[0]])
+
+    def compute(self):
+        """{"pixel_share": [F], "image_share": [F], "true_share": [F], "mode_freq": [M],
+        "mode_prob": [M], "mode_tv": float}; NaN where nothing was counted."""
+        nan = torch.full((len(self.flips),), math.nan, dtype=torch.float64)
+        tot = self.pixels.sum(1)
+        pixel_share = torch.where(tot > 0, self.pixels[:, 1] / tot.clamp_min(1), nan)
+        image_share = torch.where(self.flip_on[:, 1] > 0, self.flip_on[:, 0] / self.flip_on[:, 1].clamp_min(1), nan)
+        n = self.modes.sum()
+        freq = self.modes / n if n > 0 else torch.full_like(self.modes, math.nan)
+        true = [float(self.probs[self.switches[:, i]].sum()) for i in range(len(self.flips))]
+        return {
+            "pixel_share": pixel_share.tolist(),
+            "image_share": image_share.tolist(),
+            "true_share": true,
+            "mode_freq": freq.tolist(),
+            "mode_prob": self.probs.tolist(),
+            "mode_tv": float(0.5 * (freq - self.probs).abs().sum()) if n > 0 else math.nan,
+        }
