@@ -1,13 +1,24 @@
 """The segmentation VAE and its losses.
 
 An encoder of downsampling blocks (strided conv, batch norm, ReLU) maps an image to features at
-1/2^depth resolution; a bottleneck predicts a spatial Gaussian posterior q(z|x) = N(mu, sigma^2)
-and samples z with the reparameterization trick; a decoder of upsampling blocks (transposed
-conv, batch norm, ReLU) decodes z into one logit map per class. With `skip=True` the decoder also
-receives the encoder features of each scale, as in U-Net (Ronneberger et al. 2015).
+1/2^depth resolution; a decoder of upsampling blocks (transposed conv, batch norm, ReLU) turns
+them into one logit map per class. With `skip=True` the decoder also receives the encoder
+features of each scale, as in U-Net (Ronneberger et al. 2015). Two priors:
+
+- `prior="standard"`: the bottleneck predicts a spatial Gaussian q(z|x) = N(mu, sigma^2), the
+  decoder sees only a sample z of it, and the KL is taken against N(0, I) (Kingma & Welling 2014).
+- `prior="learned"`: the conditional VAE of the Probabilistic U-Net (Kohl et al. 2018). The
+  decoder is a complete U-Net; a prior net p(z|x) sees the image, a posterior net q(z|x, y) sees
+  the image and the true mask, and a low-dimensional z (a global vector, a spatial map, or both)
+  enters the decoder at its head (broadcast, concatenated with the last decoder features, then
+  1x1 convs) or at the bottleneck. Training decodes z ~ q and penalizes KL(q || p); test time
+  decodes z ~ p.
 
     from model import SegVAE, VAEConfig
     logits, mu, logvar = SegVAE(VAEConfig(num_classes=11))(images)  # images (B, 3, H, W)
+    model = SegVAE(VAEConfig(num_classes=16, prior="learned"))
+    logits, mu_q, logvar_q, mu_p, logvar_p = model(images, masks)  # masks (B, H, W), training
+    samples = model.sample(images, 16)  # (16, B, classes, H, W), z from the prior
 """
 
 from dataclasses import asdict, dataclass, field
@@ -15,6 +26,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+PRIORS = ("standard", "learned")
+LATENT_FORMS = ("global", "spatial", "both")
+INJECTIONS = ("head", "bottleneck")
 
 
 @dataclass
@@ -27,6 +42,51 @@ class VAEConfig:
     context: bool = True  # dilated residual convs at the bottleneck for wider context
     stochastic: bool = True  # False: z = mu always (the deterministic ablation, beta = 0)
     extra: dict = field(default_factory=dict)  # room for future options without breaking loads
+    # The fields below were added with the learned prior; configs saved before them load with
+    # the defaults, which rebuild the standard-prior model exactly. None resolves per prior.
+    prior: str = "standard"  # "standard": N(0, I); "learned": p(z|x) and q(z|x, y), Kohl et al. 2018
+    latent_form: str = None  # "global" vector, "spatial" map, or "both" (standard: spatial only)
+    latent_dim: int = 6  # dims of the global latent vector (Kohl et al. 2018 use 6)
+    inject: str = None  # where z enters the decoder: "head" or "bottleneck" (standard: bottleneck only)
+    head_convs: int = None  # hidden 1x1 convs before the class logits (Kohl et al. 2018: 3; here 1)
+
+    def __post_init__(self):
+        learned = self.prior == "learned"
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior {self.prior!r} is not one of {PRIORS}")
+        if self.latent_form is None:
+            self.latent_form = "global" if learned else "spatial"
+        if self.inject is None:
+            self.inject = "head" if learned else "bottleneck"
+        if self.head_convs is None:
+            # Kohl et al. 2018 put three 1x1 conv + ReLU layers between z and the logits. In
+            # short CPU runs that depth let the decoder ignore z: the prior's samples all showed
+            # one mode in 4 of 8 seeds of a two-mode toy (0 of 8 with one layer, 0 of 8 with
+            # none), and on CamVid with flips (96x128, 100 s) the mode total-variation distance
+            # was 0.56 with three layers against 0.29-0.35 with one or none.
+            self.head_convs = 1 if learned else 0
+        if self.latent_form not in LATENT_FORMS:
+            raise ValueError(f"latent_form {self.latent_form!r} is not one of {LATENT_FORMS}")
+        if self.inject not in INJECTIONS:
+            raise ValueError(f"inject {self.inject!r} is not one of {INJECTIONS}")
+        if not learned and (self.latent_form, self.inject) != ("spatial", "bottleneck"):
+            # The unit-Gaussian prior's latent is the bottleneck itself: a global vector or a
+            # latent at the head would leave it with no image information to carry.
+            raise ValueError(f"prior 'standard' has a spatial latent at the bottleneck, not "
+                             f"latent_form={self.latent_form!r}, inject={self.inject!r}; use prior='learned'")
+        if self.head_convs < 0 or self.latent_dim < 1 or self.latent_channels < 1:
+            raise ValueError(f"head_convs {self.head_convs} must be >= 0, latent_dim {self.latent_dim} and "
+                             f"latent_channels {self.latent_channels} >= 1")
+
+    @property
+    def global_dims(self):
+        """Size of the global latent vector (0 when there is none)."""
+        return self.latent_dim if self.latent_form in ("global", "both") else 0
+
+    @property
+    def spatial_channels(self):
+        """Channels of the spatial latent map (0 when there is none)."""
+        return self.latent_channels if self.latent_form in ("spatial", "both") else 0
 
     def to_dict(self):
         d = asdict(self)
@@ -99,81 +159,233 @@ class Context(nn.Module):
         return x + self.b(x)
 
 
+# Log-variance range of the learned prior and posterior: sigma in [e^-5, e^3]. exp() of anything
+# in it is finite in bfloat16 and float32, and the KL's 1/sigma_p^2 stays below e^10, so a
+# runaway head cannot turn the KL into inf or NaN (a failure users of Probabilistic U-Net ports
+# report). A soft clamp, so a head pushed to the edge still gets a gradient back.
+LOGVAR_MIN, LOGVAR_MAX = -10.0, 6.0
+
+
+def soft_clamp(x, lo, hi):
+    """Smooth clamp to (lo, hi): about x well inside, never exactly flat (softplus on both sides)."""
+    x = lo + F.softplus(x - lo)
+    return hi - F.softplus(hi - x)
+
+
+class GaussianNet(nn.Module):
+    """A diagonal Gaussian over the latent from bottleneck features (Kohl et al. 2018's prior and
+    posterior nets, here sharing the segmentation encoder): a 1x1 and a 3x3 conv, then the
+    global part from the mean over positions and the spatial part per position.
+    Returns mu, logvar, each (B, K) with K = global_dims + spatial_channels * h' * w': the global
+    dims first, then the spatial map (B, c, h', w') flattened channel-major."""
+
+    def __init__(self, cin, mid, global_dims, spatial_channels, mask_channels=0):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True))
+        # The mask gets its own embedding and batch norm: mixed into the image features by one
+        # conv, its variation was too small beside theirs for the posterior to pick it up.
+        self.mask = nn.Sequential(nn.Conv2d(mask_channels, mid, 1, bias=False), nn.BatchNorm2d(mid),
+                                  nn.ReLU(inplace=True)) if mask_channels else None
+        self.body = conv_bn_relu(2 * mid if mask_channels else mid, mid)
+        self.to_global = nn.Conv2d(mid, 2 * global_dims, 1) if global_dims else None
+        self.to_spatial = nn.Conv2d(mid, 2 * spatial_channels, 1) if spatial_channels else None
+        for out in (self.to_global, self.to_spatial):
+            if out is not None:  # start at N(0, I): KL(q || p) = 0 and no z is extreme at step 0
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+
+    def forward(self, h, mask=None):
+        f = self.features(h)  # (B, mid, h', w')
+        if self.mask is not None:
+            f = torch.cat([f, self.mask(mask)], dim=1)  # (B, 2 mid, h', w')
+        f = self.body(f)  # (B, mid, h', w')
+        mus, logvars = [], []
+        if self.to_global is not None:
+            mu, logvar = self.to_global(f.mean((2, 3), keepdim=True)).flatten(1).chunk(2, dim=1)  # (B, d) each
+            mus.append(mu)
+            logvars.append(logvar)
+        if self.to_spatial is not None:
+            mu, logvar = self.to_spatial(f).chunk(2, dim=1)  # (B, c, h', w') each
+            mus.append(mu.flatten(1))
+            logvars.append(logvar.flatten(1))
+        mu, logvar = torch.cat(mus, 1), torch.cat(logvars, 1)  # (B, K)
+        return mu, soft_clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)
+
+
+def class_head(cin, width, num_classes, hidden):
+    """1x1 conv to the class logits, after `hidden` 1x1 conv + ReLU layers of `width` channels
+    (the Probabilistic U-Net's f_comb, Kohl et al. 2018: the latent joins the features here)."""
+    if hidden == 0:
+        return nn.Conv2d(cin, num_classes, 1)
+    layers = []
+    for i in range(hidden):
+        layers += [nn.Conv2d(cin if i == 0 else width, width, 1), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Conv2d(width, num_classes, 1))
+
+
 class SegVAE(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        w = list(config.widths)
-        self.downs = nn.ModuleList(Down(cin, cout) for cin, cout in zip([config.in_channels] + w[:-1], w))
-        self.context = Context(w[-1]) if config.context else nn.Identity()
-        self.to_stats = nn.Conv2d(w[-1], 2 * config.latent_channels, 1)  # -> mu, logvar
-        self.from_latent = conv_bn_relu(config.latent_channels, w[-1])
+        c, w = config, list(config.widths)
+        self.learned = c.prior == "learned"
+        z_in = c.global_dims + c.spatial_channels  # latent channels once z is laid out as a map
+        self.downs = nn.ModuleList(Down(cin, cout) for cin, cout in zip([c.in_channels] + w[:-1], w))
+        self.context = Context(w[-1]) if c.context else nn.Identity()
+        if self.learned:
+            # Prior and posterior share the encoder's bottleneck features (see GaussianNet): on
+            # a CPU a second and third encoder, as in Kohl et al. 2018, would about double a step.
+            mid = max(w[-1] // 2, 8)
+            self.prior_net = GaussianNet(w[-1], mid, c.global_dims, c.spatial_channels)
+            self.posterior_net = GaussianNet(w[-1], mid, c.global_dims, c.spatial_channels, c.num_classes)
+            self.from_latent = conv_bn_relu(w[-1] + (z_in if c.inject == "bottleneck" else 0), w[-1])
+        else:
+            self.to_stats = nn.Conv2d(w[-1], 2 * c.latent_channels, 1)  # -> mu, logvar
+            self.from_latent = conv_bn_relu(c.latent_channels, w[-1])
         # Up blocks go from scale 1/2^(k+1) to 1/2^k, k = depth-1 .. 1; the head works at 1/2.
         self.ups = nn.ModuleList(
-            Up(w[k], w[k - 1], w[k - 1] if config.skip else 0) for k in range(len(w) - 1, 0, -1)
+            Up(w[k], w[k - 1], w[k - 1] if c.skip else 0) for k in range(len(w) - 1, 0, -1)
         )
-        self.head = nn.Conv2d(w[0], config.num_classes, 1)
+        head_in = w[0] + (z_in if self.learned and c.inject == "head" else 0)
+        self.head = class_head(head_in, w[0], c.num_classes, c.head_convs)
 
     @property
     def stride(self):
         return 2 ** len(self.config.widths)
 
     def encode(self, x):
-        """x (B, C_in, H, W), H and W multiples of `stride` -> mu, logvar (B, z, H/s, W/s), skips."""
+        """x (B, C_in, H, W), H and W multiples of `stride` -> mu, logvar, feats.
+        standard: mu, logvar (B, z, H/s, W/s) of q(z|x); feats = the skips.
+        learned: mu, logvar (B, K) of the prior p(z|x) (layout in GaussianNet); feats = the skips
+        and, last, the bottleneck features (B, widths[-1], H/s, W/s)."""
         skips = []
         for down in self.downs:
             x = down(x)
             skips.append(x)
         h = self.context(skips.pop())
+        if self.learned:
+            mu, logvar = self.prior_net(h)
+            return mu, logvar, skips + [h]
         mu, logvar = self.to_stats(h).chunk(2, dim=1)  # (B, z, H/s, W/s) each
         return mu, logvar.clamp(-12.0, 8.0), skips
+
+    def posterior(self, feats, target):
+        """Learned prior only: q(z|x, y) as mu, logvar (B, K), from the bottleneck features in
+        `feats` and target (B, H, W) integer labels at the encoded size. Labels outside
+        [0, num_classes) (void, padding) are no class: their one-hot is all zeros."""
+        h = feats[-1]
+        c = self.config.num_classes
+        target = target.long()
+        valid = (target >= 0) & (target < c)
+        onehot = torch.zeros(target.shape[0], c, *target.shape[1:], device=h.device)  # (B, C, H, W)
+        onehot.scatter_(1, torch.where(valid, target, 0)[:, None], valid[:, None].float())
+        # The mask reaches the posterior as the share of each class in every bottleneck cell.
+        frac = F.avg_pool2d(onehot, self.stride).to(h.dtype)  # (B, C, H/s, W/s)
+        return self.posterior_net(h, frac)
 
     def reparameterize(self, mu, logvar, generator=None):
         """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, sec. 2.4)."""
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + torch.exp(0.5 * logvar) * eps
 
-    def decode(self, z, skips, out_size):
-        """z (B, z, H/s, W/s) -> logits (B, num_classes, *out_size)."""
-        h = self.from_latent(z)
+    def decode(self, z, feats, out_size):
+        """z -> logits (B, num_classes, *out_size); out_size is the encoded (padded) size.
+        standard: z (B, z, H/s, W/s), feats the skips; learned: z (B, K), feats from `encode`."""
+        return self._head(self._trunk(z, feats), z, out_size)
+
+    def _trunk(self, z, feats):
+        """The decoder up to its last features (B, widths[0], H/2, W/2). z is used here only
+        when it enters at the bottleneck (always for the standard prior)."""
+        if self.learned:
+            h, skips = feats[-1], feats[:-1]
+            if self.config.inject == "bottleneck":
+                h = torch.cat([h, self._latent_map(z, h.shape[-2:], h.shape[-2:])], dim=1)
+            h = self.from_latent(h)
+        else:
+            h, skips = self.from_latent(z), feats
         for up, skip in zip(self.ups, reversed(skips)):
             h = up(h, skip if self.config.skip else None)
+        return h
+
+    def _head(self, h, z, out_size):
+        if self.learned and self.config.inject == "head":
+            grid = (out_size[0] // self.stride, out_size[1] // self.stride)
+            h = torch.cat([h, self._latent_map(z, grid, h.shape[-2:])], dim=1)
         logits = self.head(h)  # (B, classes, H/2, W/2)
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
 
-    def _pad(self, x):
-        """Reflect-pad H and W up to multiples of the network stride, so any size works."""
+    def _latent_map(self, z, grid, size):
+        """z (B, K) -> (B, global_dims + spatial_channels, *size): the global vector broadcast to
+        every position (Kohl et al. 2018), the spatial map (B, c, *grid) upsampled bilinearly."""
+        dg, cs = self.config.global_dims, self.config.spatial_channels
+        parts = []
+        if dg:
+            parts.append(z[:, :dg, None, None].expand(-1, -1, *size))  # (B, d, *size)
+        if cs:
+            m = z[:, dg:].reshape(z.shape[0], cs, *grid)  # (B, c, H/s, W/s)
+            if tuple(grid) != tuple(size):
+                m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+            parts.append(m)
+        return torch.cat(parts, dim=1)
+
+    def _pad(self, x, value=None):
+        """Pad H and W up to multiples of the network stride, so any size works: images by
+        replicating the border, label maps (value given) with that value."""
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.stride, (-w) % self.stride
         if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate") if value is None else F.pad(x, (0, pw, 0, ph), value=value)
         return x, (h, w)
 
-    def forward(self, x, sample=None):
-        """Returns logits (B, classes, H, W), mu, logvar. Samples z in training mode (or when
-        `sample=True`), otherwise decodes the posterior mean."""
+    def forward(self, x, target=None, sample=None):
+        """x (B, C_in, H, W). z is sampled in training mode (or when `sample=True`), otherwise
+        the mean is decoded.
+
+        Without target: logits (B, classes, H, W), mu, logvar, with z from q(z|x) (standard) or
+        from the prior p(z|x) (learned, whose mu and logvar are then the prior's).
+        With target (B, H, W) integer labels (void outside [0, classes)): logits, mu_q,
+        logvar_q, mu_p, logvar_p, what `kl_loss` needs. Learned: z from the posterior q(z|x, y);
+        standard: the target is not used and the prior is N(0, I) (zeros)."""
         x, (h, w) = self._pad(x)
-        mu, logvar, skips = self.encode(x)
+        mu, logvar, feats = self.encode(x)
         sample = self.training if sample is None else sample
-        z = self.reparameterize(mu, logvar) if sample and self.config.stochastic else mu
-        logits = self.decode(z, skips, x.shape[-2:])
-        return logits[..., :h, :w], mu, logvar
+        if target is None or not self.learned:
+            z = self.reparameterize(mu, logvar) if sample and self.config.stochastic else mu
+            logits = self.decode(z, feats, x.shape[-2:])[..., :h, :w]
+            if target is None:
+                return logits, mu, logvar
+            return logits, mu, logvar, torch.zeros_like(mu), torch.zeros_like(logvar)
+        if target.shape[-2:] != (h, w):
+            raise ValueError(f"target of size {tuple(target.shape[-2:])} for images of size {(h, w)}")
+        mu_q, logvar_q = self.posterior(feats, self._pad(target.long(), value=-1)[0])
+        z = self.reparameterize(mu_q, logvar_q) if sample and self.config.stochastic else mu_q
+        logits = self.decode(z, feats, x.shape[-2:])[..., :h, :w]
+        return logits, mu_q, logvar_q, mu, logvar
 
     @torch.no_grad()
     def sample(self, x, n, generator=None, latent_scale=1.0):
-        """n latent samples per image, decoded in one batch: logits (n, B, classes, H, W).
-        n = 1 decodes the posterior mean. `latent_scale` multiplies sigma (a calibration knob)."""
+        """n latent samples per image, decoded in one batch: logits (n, B, classes, H, W), z from
+        q(z|x) (standard) or the prior p(z|x) (learned). n = 1 decodes the mean. `latent_scale`
+        multiplies sigma (a calibration knob)."""
         x, (h, w) = self._pad(x)
-        mu, logvar, skips = self.encode(x)
+        mu, logvar, feats = self.encode(x)
         b = mu.shape[0]
         if n == 1 or not self.config.stochastic:
             z = mu.expand(n, *mu.shape)
         else:
             std = torch.exp(0.5 * logvar) * latent_scale
             eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-            z = mu + std * eps  # (n, B, z, h', w')
-        rep = [s.expand(n, *s.shape).reshape(n * b, *s.shape[1:]) for s in skips]
-        logits = self.decode(z.reshape(n * b, *mu.shape[1:]), rep, x.shape[-2:])
+            z = mu + std * eps  # (n, B, *latent)
+        z = z.reshape(n * b, *mu.shape[1:])
+
+        def rep(t):  # (B, ...) -> (n * B, ...), sample-major like z
+            return t.expand(n, *t.shape).reshape(n * b, *t.shape[1:])
+
+        if self.learned and self.config.inject == "head":
+            # Only the head sees z: run the U-Net once and the 1x1 head n times.
+            logits = self._head(rep(self._trunk(None, feats)), z, x.shape[-2:])
+        else:
+            logits = self.decode(z, [rep(f) for f in feats], x.shape[-2:])
         return logits.view(n, b, *logits.shape[1:])[..., :h, :w]
 
 
@@ -181,24 +393,58 @@ class SegVAE(nn.Module):
 # losses (pure functions)
 
 
+def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p):
+    """KL(N(mu_q, var_q) || N(mu_p, var_p)) per element, in nats, in float32 whatever the
+    autocast dtype. Closed form for two univariate Gaussians (Bishop 2006, PRML, exercise 1.30),
+    which sums over the dimensions of a diagonal Gaussian:
+    1/2 (log var_p - log var_q + var_q / var_p + (mu_q - mu_p)^2 / var_p - 1).
+    With mu_p = logvar_p = 0 it is Kingma & Welling 2014, appendix B."""
+    mu_q, logvar_q, mu_p, logvar_p = (t.float() for t in (mu_q, logvar_q, mu_p, logvar_p))
+    # var_q / var_p as one exp of the difference: no overflow of either variance on its own.
+    return 0.5 * (logvar_p - logvar_q + (logvar_q - logvar_p).exp()
+                  + (mu_q - mu_p).pow(2) * (-logvar_p).exp() - 1.0)
+
+
+def kl_per_dim(mu, logvar, prior_mu=None, prior_logvar=None):
+    """KL(q || p) per latent dimension, averaged over the batch (and the positions of a spatial
+    latent): shape (z,) for mu (B, z, h, w), (K,) for mu (B, K). p is N(0, I) when prior_mu
+    and prior_logvar are None. Float32."""
+    if prior_mu is None:
+        prior_mu, prior_logvar = torch.zeros((), device=mu.device), torch.zeros((), device=mu.device)
+    kl = gaussian_kl(mu, logvar, prior_mu, prior_logvar)  # (B, z, h, w) or (B, K)
+    return kl.mean(dim=(0, 2, 3)) if kl.dim() == 4 else kl.mean(dim=0)
+
+
 def kl_per_channel(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, 1)) per latent element, averaged over batch and positions:
-    shape (z,). Closed form from Kingma & Welling 2014, appendix B:
-    -1/2 (1 + log sigma^2 - mu^2 - sigma^2). Computed in float32 whatever the autocast dtype."""
-    mu, logvar = mu.float(), logvar.float()
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, z, h, w)
-    return kl.mean(dim=(0, 2, 3))
+    """KL(N(mu, sigma^2) || N(0, 1)) per latent channel, averaged over batch and positions:
+    shape (z,). -1/2 (1 + log sigma^2 - mu^2 - sigma^2), Kingma & Welling 2014, appendix B."""
+    return kl_per_dim(mu, logvar)
 
 
-def kl_loss(mu, logvar, image_pixels, free_bits=0.0):
-    """The KL term in nats per image pixel, so that with the cross-entropy (nats per pixel) a
-    weight of 1 gives the ELBO. `free_bits` (nats per latent element) stops the optimizer from
-    pushing a channel's KL below that floor (Kingma et al. 2016, "free bits")."""
-    per_channel = kl_per_channel(mu, logvar)
+def kl_loss(mu, logvar, image_pixels, free_bits=0.0, prior_mu=None, prior_logvar=None):
+    """KL(q || p) in nats per image pixel, so that with the cross-entropy (nats per pixel) a
+    weight of 1 gives the ELBO (Kingma & Welling 2014; Kohl et al. 2018, sec. 2, whose loss sums
+    the cross-entropy over pixels). p is N(0, I) unless prior_mu, prior_logvar are given.
+    `free_bits` (nats per latent element) stops the optimizer from pushing a dimension's KL
+    below that floor (Kingma et al. 2016, "free bits")."""
+    per_dim = kl_per_dim(mu, logvar, prior_mu, prior_logvar)
     if free_bits > 0:
-        per_channel = per_channel.clamp_min(free_bits)
-    latent_positions = mu.shape[-1] * mu.shape[-2]
-    return per_channel.sum() * latent_positions / image_pixels
+        per_dim = per_dim.clamp_min(free_bits)
+    latent_positions = mu.shape[-1] * mu.shape[-2] if mu.dim() == 4 else 1
+    return per_dim.sum() * latent_positions / image_pixels
+
+
+def latent_channel_kl(per_dim, config):
+    """KL per latent channel from `kl_per_dim`'s output, the collapse diagnostic: (z,) for the
+    standard prior; for the learned prior the global dims, then each spatial channel's mean
+    over positions, (global_dims + spatial_channels,). A channel near 0 carries nothing."""
+    if config.prior != "learned":
+        return per_dim
+    dg, cs = config.global_dims, config.spatial_channels
+    parts = [per_dim[:dg]]
+    if cs:
+        parts.append(per_dim[dg:].reshape(cs, -1).mean(1))  # (c, h' * w') -> (c,)
+    return torch.cat(parts)
 
 
 def segmentation_loss(logits, target, kind, ignore_index, class_weights=None):
