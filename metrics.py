@@ -535,11 +535,13 @@ class ModeMeter:
       the sampled pixels labelled target / (source + target) (Kohl et al. 2018's pixel-wise
       counts); its true value is the flip's probability.
     - Mode frequencies: each sample is assigned to its nearest mode by d = 1 - IoU, as Kohl et
-      al. do. Modes that differ only in a class absent from the image are identical there and tie;
-      Kohl et al. give a tie to the first mode, which biases the frequencies whenever an image
-      lacks a flippable class, so here tied modes share the sample in proportion to their
-      probabilities. The total-variation distance 1/2 sum_m |freq_m - p_m| is then 0 for a model
-      that samples each image's modes with their true probabilities.
+      al. do (ties to the first). Modes that differ only in a class absent from the image are the
+      same map there (d(Y, Y') = 0); Kohl et al. count such a sample for the first of them, which
+      biases the frequencies whenever an image lacks a flippable class, so here it is shared by
+      the identical modes in proportion to their probabilities. The total-variation distance
+      1/2 sum_m |freq_m - p_m| is then 0 for a model that samples each image's modes with their
+      true probabilities, while a sample equally far from every mode (say, with no flippable
+      class at all) still counts for the first mode alone.
     - Image share of each flip: the share of samples whose assigned mode makes the flip, over
       images that contain the source class.
 
@@ -567,21 +569,21 @@ class ModeMeter:
         self.pixels, self.modes, self.flip_on = (t.detach().cpu().double().clone() for t in tensors)
 
     @torch.no_grad()
-    def update(self, samples, base_label, d_ys, valid=None):
+    def update(self, samples, base_label, d_ys, d_yy, valid=None):
         """Add one image: samples (S, H, W) labels of the extended table; base_label (H, W) the
-        unflipped label; d_ys (S, M) distances of each sample to each mode (from
-        ``EnergyMeter.update``); valid (H, W) bool pixels to count (None: all)."""
+        unflipped label; d_ys (S, M) distances of each sample to each mode and d_yy (M, M)
+        between the modes (from ``EnergyMeter.update``); valid (H, W) bool pixels to count
+        (None: all)."""
         valid = torch.ones_like(base_label, dtype=torch.bool) if valid is None else valid
         for i, (src, tgt) in enumerate(self.flips):
             where = (base_label == src) & valid  # (H, W)
             on = samples[:, where]  # (S, pixels of the class)
             self.pixels[i, 0] += (on == src).sum().item()
             self.pixels[i, 1] += (on == tgt).sum().item()
-        d = d_ys.cpu().double()
-        # Fractional nearest-mode assignment: ties split by probability. (S, M), rows sum to 1.
-        nearest = d <= d.min(1, keepdim=True).values + 1e-12
-        share = nearest * self.probs
-        share = share / share.sum(1, keepdim=True)
+        nearest = d_ys.cpu().double().argmin(1)  # (S,) the first of the nearest modes
+        same = d_yy.cpu().double() == 0  # (M, M) modes that are one map on this image
+        share = same[nearest] * self.probs  # (S, M): each sample spread over its mode's copies
+        share = share / share.sum(1, keepdim=True)  # rows sum to 1
         self.modes += share.sum(0)
         flipped = share @ self.switches.double()  # (S, F) chance each sample's mode makes flip i
         for i, (src, _) in enumerate(self.flips):

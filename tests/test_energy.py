@@ -121,7 +121,7 @@ def test_mode_statistics_of_a_sampler_with_the_true_frequencies():
     valid = label != 5
     energy, stats = EnergyMeter([1, 2, 3, 4], (8,)), ModeMeter(switches, probs, FLIP_PAIRS)
     d = energy.update(samples, modes, probs, valid)
-    stats.update(samples, label, d["ys"], valid)
+    stats.update(samples, label, d["ys"], d["yy"], valid)
     r = stats.compute()
     assert energy.compute()[8]["ged"] == pytest.approx(0, abs=1e-12)
     assert r["mode_tv"] == pytest.approx(0, abs=1e-12)
@@ -137,15 +137,34 @@ def test_tied_modes_share_a_sample_by_probability():
     label = torch.tensor([[0, 1, 1], [0, 0, 5]])
     modes = mode_maps(label, FLIPS, void_in=5)
     stats = ModeMeter(switches, probs, FLIP_PAIRS)
-    samples = modes[[0, 1]]
-    stats.update(samples, label, EnergyMeter([1, 2, 3, 4], (2,)).update(samples, modes, probs)["ys"])
+    energy = EnergyMeter([1, 2, 3, 4], (2,))
+
+    def add(samples):
+        d = energy.update(samples, modes, probs)
+        stats.update(samples, label, d["ys"], d["yy"])
+
+    add(modes[[0, 1]])
     r = stats.compute()
     assert r["mode_tv"] == pytest.approx(0, abs=1e-12)
     assert r["image_share"][0] == pytest.approx(0.5)
     assert r["image_share"][1] != r["image_share"][1]  # NaN: no image with class 2
     # a sampler that never flips class 1: frequencies (3/4, 0, 1/4, 0), TV = 1/2
     stats.reset()
-    samples = modes[[0, 0]]
-    stats.update(samples, label, EnergyMeter([1, 2, 3, 4], (2,)).update(samples, modes, probs)["ys"])
+    add(modes[[0, 0]])
     assert stats.compute()["mode_tv"] == pytest.approx(0.5)
     assert stats.compute()["pixel_share"][0] == 0
+
+
+def test_a_sample_far_from_every_mode_counts_for_the_first():
+    """A sample with no flippable class is equally far (d = 1) from all four modes; it must not
+    be spread over them by probability, which would pass for a perfect sampler (TV 0)."""
+    switches, probs = mode_table(FLIPS)
+    label = torch.tensor([[0, 1, 1], [2, 2, 5]])
+    modes = mode_maps(label, FLIPS, void_in=5)
+    stats = ModeMeter(switches, probs, FLIP_PAIRS)
+    samples = torch.zeros(2, 2, 3, dtype=torch.long)  # all class 0
+    d = EnergyMeter([1, 2, 3, 4], (2,)).update(samples, modes, probs)
+    assert torch.all(d["ys"] == 1)
+    stats.update(samples, label, d["ys"], d["yy"])
+    assert stats.compute()["mode_freq"] == pytest.approx([1, 0, 0, 0])
+    assert stats.compute()["mode_tv"] == pytest.approx(1 - 3 / 8)
