@@ -140,6 +140,68 @@ def base_labels(masks, flips=CAMVID_FLIPS, void=VOID, void_out=CAMVID_VOID):
     return relabel(masks, lut)
 
 
+def check_base_table(names, ignore_index, flips=CAMVID_FLIPS, base_names=None):
+    """Refuse (ValueError) a class table the flips cannot apply to: the second versions take the
+    indices after the base classes, so there must be exactly `base_classes` classes, void must be
+    CamVid's 11, and each flipped class must be where CamVid has it (by name)."""
+    base_names = base_names or ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                                "Pedestrian", "Bicyclist"]
+    found = [str(n).lower() for n in names]
+    wrong = [f"{f.source} should be {base_names[f.source]!r}" for f in flips
+             if f.source >= len(found) or found[f.source] != base_names[f.source].lower()]
+    if len(names) != len(base_names) or ignore_index != CAMVID_VOID or wrong:
+        raise ValueError(f"the label flips are CamVid's benchmark: they need its {len(base_names)} classes with void "
+                         f"{CAMVID_VOID}, but the class table has {len(names)} classes, void {ignore_index}"
+                         + (f" (class {', '.join(wrong)})" if wrong else ""))
+
+
+def flips_to_list(flips=CAMVID_FLIPS):
+    """The flips as primitives for a checkpoint: [[source, target, numerator, denominator, name,
+    [r, g, b]], ...]."""
+    return [[f.source, f.target, f.probability.numerator, f.probability.denominator, f.name, list(f.colour)]
+            for f in flips]
+
+
+def flips_from_list(rows):
+    """Inverse of `flips_to_list`."""
+    return tuple(Flip(int(s), int(t), Fraction(int(n), int(d)), str(name), tuple(colour))
+                 for s, t, n, d, name, colour in rows)
+
+
+def merge_flipped(logits, flips=CAMVID_FLIPS, num_base=CAMVID_CLASSES, dim=1):
+    """Logits over the extended table -> log-probabilities over the base classes, each class's
+    probability plus its second version's: (..., base + F, ...) -> (..., base, ...) along `dim`.
+    Used to score a flip model's segmentation on the unflipped labels (mIoU, calibration)."""
+    logp = logits.float().log_softmax(dim)
+    out = logp.narrow(dim, 0, num_base).clone()
+    for f in flips:
+        both = torch.logaddexp(logp.select(dim, f.source), logp.select(dim, f.target))
+        out.select(dim, f.source).copy_(both)
+    return out
+
+
+class BaseClassView(torch.nn.Module):
+    """A flip-benchmark model seen as a model of the base classes (`merge_flipped` on what it
+    returns), so that code written for one label space scores it on the unflipped labels.
+    `inner` is the model itself; `config` is its config (num_classes counts the second versions)."""
+
+    def __init__(self, model, flips=CAMVID_FLIPS, num_base=CAMVID_CLASSES):
+        super().__init__()
+        self.inner, self.flips, self.num_base = model, flips, num_base
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, x, *args, **kwargs):
+        logits, *rest = self.inner(x, *args, **kwargs)
+        return (merge_flipped(logits, self.flips, self.num_base, dim=1), *rest)
+
+    def sample(self, x, n, **kwargs):
+        """(n, B, base classes, H, W) log-probabilities of n latent samples."""
+        return merge_flipped(self.inner.sample(x, n, **kwargs), self.flips, self.num_base, dim=2)
+
+
 def main():
     names = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
              "Bicyclist"]

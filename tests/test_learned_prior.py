@@ -178,3 +178,17 @@ def test_learns_a_known_ambiguity():
     square = model.sample(x, 200, generator=torch.Generator().manual_seed(1))[:, 0, :, 8, 8].argmax(1)  # (200,)
     share = (square == 2).float().mean().item()
     assert 0.2 < share < 0.8, f"class 2 in {share:.2f} of the prior's samples, expected about 0.5"
+
+
+@pytest.mark.parametrize("prior", ["standard", "learned"])
+def test_forward_val_is_the_eval_prediction_with_the_kl_statistics(prior):
+    torch.manual_seed(0)
+    model = SegVAE(VAEConfig(**SMALL, prior=prior)).eval()
+    x, target = torch.randn(2, 3, 30, 40), torch.randint(0, 4, (2, 30, 40))
+    logits, mu_q, logvar_q, mu_p, logvar_p = model.forward_val(x, target)
+    assert torch.allclose(logits, model(x)[0], atol=1e-5)  # what test time decodes
+    ref = model(x, target)
+    for a, b in zip((mu_q, logvar_q, mu_p, logvar_p), ref[1:]):
+        assert torch.allclose(a, b, atol=1e-6)
+    per = latent_channel_kl(kl_per_dim(mu_q, logvar_q, mu_p, logvar_p), model.config)
+    assert per.shape == (model.config.latent_width,)
