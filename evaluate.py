@@ -16,49 +16,82 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
+from ambiguity import VOID, flip_labels, merge_flipped
 from dataset import normalize, resize_image
-from metrics import UncertaintyMeter, confusion_matrix, scores
-from model import active_channels, kl_per_channel, segmentation_loss
+from metrics import UncertaintyMeter, confusion_matrix, iou_distances, scores
+from model import active_channels, kl_loss, kl_per_dim, latent_channel_kl, segmentation_loss
 from runtime import autocast
 
 
 def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_size=8,
-             loss_kind="ce", class_weights=None, indices=None, progress=None):
+             loss_kind="ce", class_weights=None, indices=None, progress=None, flips=None, diversity_samples=0,
+             seed=0):
     """Validation sums over `split` (or the subset `indices`, for one rank's shard): a dict of
     tensors that add across ranks. `summarize` turns them into metrics. The loss is computed at
     the training size; the confusion matrix at each label's own resolution, as papers report.
     The prediction is the argmax of the mean latent's logits upsampled to the label, the same
-    as test.py's Predictor with one sample, no flip and the training resolution."""
+    as test.py's Predictor with one sample, no flip and the training resolution.
+
+    The KL is KL(q || p) of the model's own prior: against N(0, I) for the standard prior, and
+    for the learned prior between the posterior of the true mask and the prior (how far apart
+    they are). With `flips` (ambiguity.py) the split holds base labels and num_classes counts
+    the base classes: the loss and mIoU score the model with each class merged with its second
+    version, and the posterior sees each mask flipped at random (seeded, the same every call).
+    `diversity_samples` > 1 adds the mean 1 - IoU between that many latent samples of each image
+    (at the training size, the model's own classes): 0 means every sample is the same."""
 
     model.eval()
+    config = model.config
     indices = list(range(len(split))) if indices is None else list(indices)
-    z = model.config.latent_channels
+    z = config.latent_width
     sums = {
         "cm": torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device),
         "loss": torch.zeros((), dtype=torch.float64, device=device),
         "kl": torch.zeros((), dtype=torch.float64, device=device),
+        "kl_image": torch.zeros((), dtype=torch.float64, device=device),
+        "kl_channels": torch.zeros(z, dtype=torch.float64, device=device),
         "images": torch.zeros((), dtype=torch.float64, device=device),
         "mu_sum": torch.zeros(z, dtype=torch.float64, device=device),
         "mu_sq": torch.zeros(z, dtype=torch.float64, device=device),
-        "mu_n": torch.zeros((), dtype=torch.float64, device=device),
+        "mu_n": torch.zeros(z, dtype=torch.float64, device=device),
+        "diversity": torch.zeros((), dtype=torch.float64, device=device),
+        "diversity_n": torch.zeros((), dtype=torch.float64, device=device),
     }
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     for idx in progress(chunks, desc="val", leave=False) if progress else chunks:
         images = split.images[idx].to(device, non_blocking=True)
         target = split.masks[idx].to(device, non_blocking=True).long()
         x = normalize(images).contiguous(memory_format=torch.channels_last)
+        # the posterior's mask in the model's classes: flipped at random, seeded by the batch
+        shown = flip_labels(target, torch.Generator().manual_seed(seed + idx[0]), flips) if flips else target
+        shown = shown.masked_fill(shown == (VOID if flips else ignore_index), -1)  # void: no class
         with torch.no_grad(), autocast(device, dtype):
-            logits, mu, logvar = model(x)
+            logits, mu, logvar, prior_mu, prior_logvar = model.forward_val(x, shown)
+        if flips:
+            logits = merge_flipped(logits, flips, num_classes)  # log-probabilities of the base classes
         logits = logits.float()
         n = len(idx)
+        pixels = x.shape[-1] * x.shape[-2]
         sums["loss"] += segmentation_loss(logits, target, loss_kind, ignore_index, class_weights).double() * n
-        kl = kl_per_channel(mu, logvar).sum() * mu.shape[-1] * mu.shape[-2] / (x.shape[-1] * x.shape[-2])
-        sums["kl"] += kl.double() * n
+        kl = kl_loss(mu, logvar, pixels, 0.0, prior_mu, prior_logvar).double()
+        sums["kl"] += kl * n
+        sums["kl_image"] += kl * pixels * n
+        sums["kl_channels"] += latent_channel_kl(kl_per_dim(mu, logvar, prior_mu, prior_logvar), config).double() * n
         sums["images"] += n
-        mu = mu.double()
-        sums["mu_sum"] += mu.sum((0, 2, 3))
-        sums["mu_sq"] += mu.pow(2).sum((0, 2, 3))
-        sums["mu_n"] += mu.shape[0] * mu.shape[2] * mu.shape[3]
+        total, squares, count = channel_moments(mu.double(), config)
+        sums["mu_sum"] += total
+        sums["mu_sq"] += squares
+        sums["mu_n"] += count
+        if diversity_samples > 1 and config.stochastic:
+            gen = torch.Generator(device=device).manual_seed(seed + idx[0])
+            with torch.no_grad(), autocast(device, dtype):
+                drawn = model.sample(x, diversity_samples, generator=gen).argmax(2)  # (S, B, h, w)
+            classes = list(range(config.num_classes))
+            for j in range(n):
+                d = iou_distances(drawn[:, j], drawn[:, j], classes, target[j] != ignore_index)
+                k = diversity_samples
+                sums["diversity"] += d.sum() / (k * (k - 1))  # mean over pairs of distinct samples
+                sums["diversity_n"] += 1
         for j, i in enumerate(idx):
             label = split.label_masks[i].to(device)
             up = F.interpolate(logits[j:j + 1], size=label.shape, mode="bilinear", align_corners=False)
@@ -66,14 +99,38 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
     return sums
 
 
+def channel_moments(mu, config):
+    """Per latent channel (config.latent_width): sum, sum of squares and count of the posterior
+    means over images (and positions of a spatial latent), for the activity of Burda et al. 2016.
+    mu: (B, z, h, w) standard; (B, K) learned, laid out as GaussianNet says."""
+    if mu.dim() == 4:
+        b, z, h, w = mu.shape
+        return mu.sum((0, 2, 3)), mu.pow(2).sum((0, 2, 3)), torch.full((z,), float(b * h * w), dtype=mu.dtype,
+                                                                      device=mu.device)
+    dg, cs = config.global_dims, config.spatial_channels
+    b = mu.shape[0]
+    g = mu[:, :dg]  # (B, d)
+    sp = mu[:, dg:].reshape(b, cs, (mu.shape[1] - dg) // max(cs, 1))  # (B, c, h' * w')
+    count = torch.cat([torch.full((dg,), float(b)), torch.full((cs,), float(b * sp.shape[2]))])
+    return (torch.cat([g.sum(0), sp.sum((0, 2))]), torch.cat([g.pow(2).sum(0), sp.pow(2).sum((0, 2))]),
+            count.to(mu.device, mu.dtype))
+
+
 def summarize(sums):
-    """Metrics from `evaluate` sums: loss, kl, miou, iou (list), pixel_acc, class_acc,
-    active_latent (channels whose mean varies across inputs, Burda et al. 2016)."""
+    """Metrics from `evaluate` sums: loss, kl (nats per pixel), kl_image (nats per image),
+    kl_channels (list, per latent channel), kl_active (channels with at least 0.01 nats of
+    KL(q || p): a channel below carries nothing), active_latent (channels whose mean varies
+    across inputs, Burda et al. 2016), diversity (NaN when not measured), miou, iou (list),
+    pixel_acc, class_acc."""
     n = sums["images"].clamp_min(1)
     mean = sums["mu_sum"] / sums["mu_n"].clamp_min(1)
     var = sums["mu_sq"] / sums["mu_n"].clamp_min(1) - mean.pow(2)
-    out = {"loss": float(sums["loss"] / n), "kl": float(sums["kl"] / n),
-           "active_latent": active_channels(var)}
+    per_channel = sums["kl_channels"] / n
+    dn = float(sums["diversity_n"])
+    out = {"loss": float(sums["loss"] / n), "kl": float(sums["kl"] / n), "kl_image": float(sums["kl_image"] / n),
+           "kl_channels": per_channel.tolist(), "kl_active": int((per_channel >= 0.01).sum()),
+           "active_latent": active_channels(var),
+           "diversity": float(sums["diversity"]) / dn if dn else math.nan}
     out.update(scores(sums["cm"].cpu()))
     return out
 
