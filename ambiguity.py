@@ -180,26 +180,13 @@ def merge_flipped(logits, flips=CAMVID_FLIPS, num_base=CAMVID_CLASSES, dim=1):
     return out
 
 
-class BaseClassView(torch.nn.Module):
-    """A flip-benchmark model seen as a model of the base classes (`merge_flipped` on what it
-    returns), so that code written for one label space scores it on the unflipped labels.
-    `inner` is the model itself; `config` is its config (num_classes counts the second versions)."""
-
-    def __init__(self, model, flips=CAMVID_FLIPS, num_base=CAMVID_CLASSES):
-        super().__init__()
-        self.inner, self.flips, self.num_base = model, flips, num_base
-
-    @property
-    def config(self):
-        return self.inner.config
-
-    def forward(self, x, *args, **kwargs):
-        logits, *rest = self.inner(x, *args, **kwargs)
-        return (merge_flipped(logits, self.flips, self.num_base, dim=1), *rest)
-
-    def sample(self, x, n, **kwargs):
-        """(n, B, base classes, H, W) log-probabilities of n latent samples."""
-        return merge_flipped(self.inner.sample(x, n, **kwargs), self.flips, self.num_base, dim=2)
+def merge_flipped_probs(probs, flips=CAMVID_FLIPS, num_base=CAMVID_CLASSES, dim=1):
+    """Probabilities over the extended table -> over the base classes (each class's plus its
+    second version's), along `dim`."""
+    out = probs.narrow(dim, 0, num_base).clone()
+    for f in flips:
+        out.select(dim, f.source).add_(probs.select(dim, f.target))
+    return out
 
 
 def main():

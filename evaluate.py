@@ -317,10 +317,14 @@ def segment_image(model, image, image_size, device, dtype, samples=1, temperatur
 class TemperatureFit:
     """Temperature scaling (Guo et al. 2017): the T > 0 that minimizes the NLL of a Predictor's
     probabilities (mean over samples and orientations of softmax(logits / T)) on a random
-    subset of valid pixels, `per_image` from each image, kept as logits."""
+    subset of valid pixels, `per_image` from each image, kept as logits. `log_probs` maps
+    tempered logits (S, F, C, n) to the log-probabilities of the labels' classes along dim 2:
+    log_softmax (default), or for a flip model ambiguity.merge_flipped, so that the temperature
+    acts on the model's own logits and the labels are the base classes."""
 
-    def __init__(self, ignore_index, per_image, seed=0):
+    def __init__(self, ignore_index, per_image, seed=0, log_probs=None):
         self.ignore_index, self.per_image, self.seed = ignore_index, per_image, seed
+        self.log_probs = log_probs or (lambda t: t.log_softmax(2))
         self.logits, self.labels = [], []
 
     def add(self, logits, truth):
@@ -341,7 +345,7 @@ class TemperatureFit:
         def nll(log_t):
             # -log of the mean over samples and orientations of softmax(logits / T)[label],
             # through logsumexp so that float32 suffices
-            lp = (logits / math.exp(log_t)).log_softmax(2).gather(2, index)[:, :, 0]  # (S, F, n)
+            lp = self.log_probs(logits / math.exp(log_t)).gather(2, index)[:, :, 0]  # (S, F, n)
             return float(-(lp.flatten(0, 1).logsumexp(0) - math.log(s * f)).double().mean())
 
         best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")

@@ -6,6 +6,11 @@
     python test.py --test_path ../shared/data/camvid/val --model_path runs/x/best.pt --samples 8 --calibrate
     python test.py --test_image_path big.png --model_path runs/x/best.pt --resolution native
 
+With --samples N a labelled split is also scored as a distribution of segmentations (sampling.py:
+generalized energy distance for N = 1, 4, 8, 16, Hungarian-matched IoU, diversity, against every
+annotator's mask; for a model trained with --label_flips, against the 32 known modes, with the
+flipped classes' shares), and each image gets a grid of its N sampled segmentations.
+
 The model is rebuilt from the checkpoint alone (checkpoint.py). Every output of a run comes from
 one definition of the prediction (evaluate.Predictor: --samples, --flip, --resolution), and a
 labelled split is read in one pass (two with --calibrate). The pictures are figures.py's.
@@ -24,14 +29,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ambiguity import flips_from_list, merge_flipped, merge_flipped_probs, mode_maps
 from checkpoint import build_model, load_checkpoint, save_checkpoint, table_from_checkpoint
 from cli import Parser, make_output_dir, refuse, write_atomic, write_csv, write_json
-from dataset import IMAGE_EXTENSIONS, DataError, SegmentationDataset, load_image, load_mask, palette
+from dataset import IMAGE_EXTENSIONS, ClassTable, DataError, SegmentationDataset, load_image, load_mask, palette
 from evaluate import RESOLUTIONS, Predictor, SplitScores, TemperatureFit, format_scores
 from figures import (colourize, save_confusion, save_examples, save_figure, save_labels, save_map, save_reliability,
-                     save_rgb)
+                     save_rgb, save_samples)
 from metrics import confusion_matrix, scores, uncertainty_maps
 from runtime import pick_device, pick_precision, set_threads
+from sampling import SAMPLINGS, SampleScores, label_samples, sample_counts
 
 MAPS = {  # name -> (title, upper end of the colour scale from the class count; None: from the map)
     "entropy": ("predictive entropy (nats)", lambda c: math.log(c)),
@@ -149,12 +156,17 @@ def temperature_for(ckpt, predictor):
     return 1.0
 
 
-def calibrate(args, ckpt, predictor, split, table):
+def calibrate(args, ckpt, predictor, split, table, flips=None):
     """Fit the temperature on the split (a pass of its own: every probability of the evaluation
     pass depends on it, and holding the split's logits until it is known would take S x C floats
-    per pixel), store it under the predictor's settings in <checkpoint>.calibrated.pt."""
-    fit = TemperatureFit(table.ignore_index, per_image=max(1, 400_000 // len(split)), seed=args.seed)
+    per pixel), store it under the predictor's settings in <checkpoint>.calibrated.pt. A flip
+    model's tempered probabilities are scored on the base classes (each merged with its second
+    version), as the evaluation scores them; with several annotators, against the first."""
+    log_probs = (lambda t: merge_flipped(t, flips, table.num_classes, dim=2)) if flips else None
+    fit = TemperatureFit(table.ignore_index, per_image=max(1, 400_000 // len(split)), seed=args.seed,
+                         log_probs=log_probs)
     for _, _, truth, logits in predictions(predictor, split, args.batch_size, "fitting temperature"):
+        truth = truth[0] if truth.dim() == 3 else truth
         fit.add(predictor.at_size(logits, truth.shape), truth)
     t, before, after = fit.fit()
     calibrated = {**ckpt, "calibration": {**fitted_temperatures(ckpt), predictor.settings(): {
@@ -168,6 +180,25 @@ def calibrate(args, ckpt, predictor, split, table):
     return t
 
 
+def label_tables(ckpt):
+    """(the table the labels are read and scored with, the table of the model's outputs, the
+    label flips or None). A model trained with --label_flips outputs 16 classes but is scored on
+    the unflipped labels: its second versions merged into their classes (void as in the data)."""
+    model_table = table_from_checkpoint(ckpt)
+    if not ckpt.get("label_flips"):
+        return model_table, model_table, None
+    flips = flips_from_list(ckpt["label_flips"])
+    base = len(model_table.names) - len(flips)
+    table = ClassTable(names=model_table.names[:base], colours=model_table.colours[:base],
+                       ignore_index=int(ckpt["base_ignore_index"]))
+    return table, model_table, flips
+
+
+def base_probs(probs, table, flips):
+    """(S, C, H, W) probabilities of the model's classes -> of the labels' classes."""
+    return merge_flipped_probs(probs, flips, table.num_classes) if flips else probs
+
+
 # ---------------------------------------------------------------------------------------------
 # one pass over images
 
@@ -175,14 +206,18 @@ def calibrate(args, ckpt, predictor, split, table):
 def open_split(args, table):
     """The pairs of --test_path at their own size, their mask values read as training read them
     (decided from all the split's masks: 0/255 binary masks, JPEG snapping), labels outside a
-    region of interest void; with several annotators, the first annotator's masks."""
+    region of interest void; with several annotators, the first annotator's masks, or with
+    --samples > 1 all of them ((K, H, W) labels: the distribution scores compare the samples
+    with every annotator, the other scores with the first)."""
     split = SegmentationDataset(args.test_path, table, mask_suffix=args.mask_suffix, roi=bool(args.roi),
                                 scan_limit=None, num_threads=torch.get_num_threads())
     for note in split.notes:
         print(note)
     if split.annotators > 1:
-        print(f"note: {args.test_path} has {split.annotators} annotations per image; the scores are against the first")
-        split = split.annotation(0)
+        print(f"note: {args.test_path} has {split.annotators} annotations per image; the scores are against the first"
+              + (", the sample distribution's against all" if args.samples > 1 else ""))
+        if args.samples == 1:
+            split = split.annotation(0)
     return split
 
 
@@ -218,27 +253,31 @@ def save_prediction(out_dir, name, pred, pal, table):
 
 def run_images(args, ckpt, predictor, temperature):
     """Segment each image: class-index and colour masks, figure and, with --samples > 1,
-    uncertainty maps (PNG with colour bar and .npy) per image, and uncertainty_ranking.csv."""
+    uncertainty maps (PNG with colour bar and .npy) and the grid of the sampled segmentations
+    per image, and uncertainty_ranking.csv."""
     paths = expand_image_paths(args.test_image_path)
     if args.mask_path and len(paths) > 1:
-        raise DataError(f"--mask_path {args.mask_path} names one mask but --test_image_path "
+        raise DataError(f"--mask_path {' '.join(args.mask_path)} names one image's mask(s) but --test_image_path "
                         f"{args.test_image_path} matches {len(paths)} images; give a single image")
     names = output_names(paths)
-    table = table_from_checkpoint(ckpt)
+    table, model_table, flips = label_tables(ckpt)
     pal = palette(table)
-    truth = None
-    if args.mask_path:  # one image: check it against its mask before anything is written
-        truth, image = load_mask(args.mask_path, table).numpy(), load_image(paths[0])
-        if truth.shape != tuple(image.shape[-2:]):
-            raise DataError(f"mask {args.mask_path} is {truth.shape[1]}x{truth.shape[0]} but image "
+    truth, annotations = None, []
+    for mask_path in args.mask_path or []:  # one image: check it against its masks before anything is written
+        annotations.append(load_mask(mask_path, table).numpy())
+        image = load_image(paths[0])
+        if annotations[-1].shape != tuple(image.shape[-2:]):
+            raise DataError(f"mask {mask_path} is {annotations[-1].shape[1]}x{annotations[-1].shape[0]} but image "
                             f"{paths[0]} is {image.shape[2]}x{image.shape[1]}; give the image's own mask")
+    if annotations:
+        truth = annotations[0]
     out_dir, existing = prepare_output(args, predictor)
     predictor.restart()
     ranking, all_written = [], []
     for path, name in zip(paths, names):
         image = load_image(path)
-        probs = predictor.probs(predictor.logits([image])[0], image.shape[-2:], temperature)
-        maps = {k: v[0].cpu().numpy() for k, v in uncertainty_maps(probs[:, None]).items()}
+        probs = predictor.probs(predictor.logits([image])[0], image.shape[-2:], temperature)  # (S, C, H, W)
+        maps = {k: v[0].cpu().numpy() for k, v in uncertainty_maps(base_probs(probs, table, flips)[:, None]).items()}
         pred = maps["mean"].argmax(0).astype(np.uint8)
         title = ""
         if truth is not None:
@@ -248,6 +287,8 @@ def run_images(args, ckpt, predictor, temperature):
         save_figure(written[-1], image, pred, pal, table, truth, maps["entropy"], math.log(table.num_classes),
                     args.samples, title)
         if args.samples > 1:
+            written.append(out_dir / f"{name}_samples.png")
+            save_sample_grid(written[-1], args, image, probs, (table, model_table), flips, annotations)
             for key, (map_title, vmax) in MAPS.items():
                 png, npy = out_dir / f"{name}_{key}.png", out_dir / f"{name}_{key}.npy"
                 save_map(png, maps[key], f"{map_title}, {args.samples} samples", vmax(table.num_classes))
@@ -267,24 +308,59 @@ def run_images(args, ckpt, predictor, temperature):
     report_replaced(all_written, existing, out_dir)
 
 
+def save_sample_grid(path, args, image, probs, tables, flips, annotations):
+    """The image's --samples segmentations, from its probabilities (S, C, H, W) of the model's
+    classes (the argmax of each latent draw, or with --sampling pixel labels drawn per pixel
+    from the mean softmax), with the annotations beside them (for a flip model the unflipped
+    label, in the model's classes). tables: (the labels' table, the model's table)."""
+    table, model_table = tables
+    if flips:
+        annotations = [mode_maps(torch.as_tensor(a).long(), flips, table.ignore_index,
+                                 model_table.ignore_index)[0].numpy() for a in annotations]
+    maps = label_samples(probs, args.sampling, torch.Generator().manual_seed(args.seed)).cpu().numpy()
+    save_samples(path, image, list(maps), palette(model_table), model_table, annotations)
+
+
+def print_sample_scores(r, sampling, flips):
+    """The table of SampleScores.compute() that test.py prints."""
+    against = "the 32 label-flip modes" if flips else "the annotation(s)"
+    print(f"\nsamples as a distribution ({sampling} sampling, against {against}; d = 1 - IoU):")
+    print(f"{'samples':>8}{'D2_GED':>9}{'matched IoU':>13}{'diversity':>11}")
+    for n in r["ged"]:
+        print(f"{n:>8}{r['ged'][n]:>9.4f}{r['matched_iou'][n]:>13.4f}{r['diversity'][n]:>11.4f}")
+    if flips:
+        print(f"{'flipped class':<16}{'true':>7}{'pixel share':>13}{'image share':>13}")
+        for name, true, px, im in zip(r["flipped_classes"], r["true_share"], r["pixel_share"], r["image_share"]):
+            print(f"{name:<16}{true:>7.3f}{px:>13.3f}{im:>13.3f}")
+        print(f"mode total-variation distance (nearest mode per sample): {r['mode_tv']:.4f}")
+
+
 def run_split(args, ckpt, predictor, temperature):
     """Evaluate a labelled split in one pass: mIoU, per-class IoU, pixel and class accuracy (void
     ignored, at each label's resolution), calibration and error detection, all of one prediction;
-    metrics.json, plots, examples and, with --save_predictions, per-image masks."""
-    table = table_from_checkpoint(ckpt)
+    with --samples > 1 or a flip model also the distribution scores of sampling.py; metrics.json,
+    plots, examples and, with --save_predictions, per-image masks."""
+    table, model_table, flips = label_tables(ckpt)
     pal = palette(table)
     split = open_split(args, table)
     names = output_names([s.image for s in split.samples])
     out_dir, existing = prepare_output(args, predictor)
     if args.calibrate:
-        temperature = calibrate(args, ckpt, predictor, split, table)
+        temperature = calibrate(args, ckpt, predictor, split, table, flips)
     t0 = time.time()
     n_ex = min(args.examples, len(split))
     picks = {round(i * (len(split) - 1) / max(n_ex - 1, 1)) for i in range(n_ex)}
     split_scores = SplitScores(table.num_classes, table.ignore_index, args.samples)
+    sample_scores = (SampleScores(model_table.num_classes, model_table.ignore_index, sample_counts(args.samples),
+                                  flips, table.ignore_index) if args.samples > 1 or flips else None)
+    pixel_draws = torch.Generator().manual_seed(args.seed)
     examples, written = [], []
     for i, image, truth, logits in predictions(predictor, split, args.batch_size, "evaluating"):
-        maps = uncertainty_maps(predictor.probs(logits, truth.shape, temperature)[:, None])
+        probs = predictor.probs(logits, truth.shape[-2:], temperature)  # (S, C, H, W), the model's classes
+        if sample_scores is not None:  # against every annotator's mask, (K, H, W), or the one
+            sample_scores.update(label_samples(probs, args.sampling, pixel_draws), truth)
+        truth = truth[0] if truth.dim() == 3 else truth  # the first annotator for the other scores
+        maps = uncertainty_maps(base_probs(probs, table, flips)[:, None])
         split_scores.update(maps, truth)
         if args.save_predictions or i in picks:
             pred = maps["mean"][0].argmax(0).cpu().numpy().astype(np.uint8)
@@ -304,9 +380,12 @@ def run_split(args, ckpt, predictor, temperature):
           "   (finding the wrong pixels; mIoU of the most certain pixels)")
     for name, u in metrics["uncertainty"].items():
         print(f"{name:<16}{u['auroc']:>8.4f}" + "".join(f"{c['miou'] * 100:>10.1f}" for c in u["coverage"]))
+    if sample_scores is not None:
+        metrics["samples_scores"] = sample_scores.compute()
+        print_sample_scores(metrics["samples_scores"], args.sampling, flips)
     metrics.update({"classes": table.names, "confusion_matrix": split_scores.cm.tolist(), "images": len(split),
                     "data": str(args.test_path), "checkpoint": str(args.model_path), "samples": args.samples,
-                    "flip": args.flip, "resolution": args.resolution, "seed": args.seed,
+                    "flip": args.flip, "resolution": args.resolution, "seed": args.seed, "sampling": args.sampling,
                     "temperature": temperature})
     files = [out_dir / n for n in ("metrics.json", "confusion_matrix.png", "reliability.png")]
     write_json(files[0], metrics)
@@ -330,8 +409,8 @@ def get_args(argv=None):
     p = Parser(description="Segment images or evaluate a labelled split with a trained segmentation VAE.")
     p.add_argument("--model_path", help="checkpoint written by train.py (best.pt, last.pt, ...); required")
     p.add_argument("--test_image_path", help="an image, a folder of images, or a glob pattern to segment")
-    p.add_argument("--mask_path", help="ground-truth mask of --test_image_path: adds it, an error map "
-                   "and this image's IoU to the figure")
+    p.add_argument("--mask_path", nargs="+", help="ground-truth mask of --test_image_path: adds it, an error "
+                   "map and this image's IoU to the figure; several masks (annotators) go beside the sample grid")
     p.add_argument("--test_path", help="a labelled split to evaluate (same layouts as training data)")
     p.add_argument("--mask_suffix", help="with --test_path: use the masks named <image name><SUFFIX> where a "
                    "folder holds several per image (as train.py --mask_suffix)")
@@ -353,6 +432,10 @@ def get_args(argv=None):
     p.add_argument("--tile_size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
                    help="with --resolution native: the tile size for larger images (default: 512 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for latent sampling")
+    p.add_argument("--sampling", default="latent", choices=SAMPLINGS,
+                   help="how --samples segmentations are drawn for the sample grid and the distribution scores: "
+                   "latent (decode each latent draw) or pixel (labels drawn per pixel from the mean softmax: "
+                   "the samples of a deterministic network)")
     p.add_argument("--examples", type=int, default=4, help="with --test_path: images in examples.png, a grid "
                    "of input | prediction | ground truth (0: none)")
     p.add_argument("--calibrate", action="store_true", help="fit a temperature on --test_path (use the val "
