@@ -127,9 +127,9 @@ def get_args(argv=None):
     o.add_argument("--kl_warmup", type=float, default=0.2, help="share of steps over which beta ramps up from 0")
     o.add_argument("--free_bits", type=float, default=0.0, help="KL floor in nats per latent element")
     o.add_argument("--val_samples", type=int,
-                   help="latent samples per validation image for the sample diversity (mean 1 - IoU between "
-                   "samples; 0 warns of collapse) (default: 4 with the learned prior, whose samples rerun only "
-                   "the head, else 0)")
+                   help="latent samples per validation image for the sample diversity (mean 1 - IoU between two "
+                   "samples; near 0: collapse) (default: 4 with the learned prior, whose samples rerun only the "
+                   "head, else 0: off)")
     o.add_argument("--grad_clip", type=float, default=5.0, help="clip the gradient norm (0: off)")
     o.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights with this decay per "
@@ -185,6 +185,9 @@ def check_args(args):
     if args.latent_dim < 1 or (args.head_convs is not None and args.head_convs < 0):
         raise DataError(f"--latent_dim {args.latent_dim} must be at least 1 and --head_convs {args.head_convs} "
                         "not negative")
+    if args.prior == "learned" and not args.stochastic:
+        raise DataError("--prior learned with --stochastic 0 would never train the prior net (no KL term); the "
+                        "deterministic baseline is --prior standard --stochastic 0 --kl_weight 0")
     if args.prior == "standard" and (args.latent_form not in (None, "spatial") or args.inject not in
                                      (None, "bottleneck")):
         raise DataError(f"--latent_form {args.latent_form} / --inject {args.inject} are for --prior learned; the "
@@ -470,7 +473,7 @@ def train_one_epoch(model, train, state, args, ctx):
         if args.augment or crop:
             images, target = dataset.augment(images, target, gen, table.ignore_index, out_size=crop, **fixed)
         if ctx.get("flips"):
-            target = flip_labels(target, gen, ctx.get("flips"))  # (B, h, w) in the 16 classes, void 255
+            target = flip_labels(target, gen, ctx["flips"])  # (B, h, w) in the 16 classes, void 255
         stop = train_step(model, images.contiguous(memory_format=torch.channels_last), target, state, args, ctx)
         state["batch_in_epoch"] += 1
         bar.update()
@@ -599,7 +602,7 @@ def checkpoint_dict(raw_model, state, args, ctx, full):
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         })
     if ctx.get("flips"):  # test.py reads the base labels and builds the 32 modes from these
-        fields["label_flips"] = flips_to_list(ctx.get("flips"))
+        fields["label_flips"] = flips_to_list(ctx["flips"])
         fields["base_ignore_index"] = ctx["table"].ignore_index
     return make_checkpoint(eval_model(raw_model, ctx), outputs_table(ctx), ctx["size"], run_config(args), **fields)
 

@@ -186,6 +186,9 @@ def test_refusals(camvid_like, tmp_path, tiny_data):
     r = run("train.py", "--train_path", camvid_like / "train", "--val_samples", 1, "--output_dir", tmp_path / "c",
             *TINY_MODEL)
     assert_refused(r, "--val_samples 1")
+    r = run("train.py", "--train_path", camvid_like / "train", "--prior", "learned", "--stochastic", 0,
+            "--output_dir", tmp_path / "d", *TINY_MODEL)
+    assert_refused(r, "--prior learned with --stochastic 0", "--prior standard --stochastic 0")
 
 
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid not under ../shared/data/camvid")
@@ -195,3 +198,17 @@ def test_camvid_labels_fit_the_flips():
     check_base_table(table.names, table.ignore_index)
     mask = load_mask(sorted((CAMVID / "trainannot").iterdir())[0], table)
     check_labels(mask[None])
+
+
+def test_collapse_warning():
+    from train import collapse_warning
+
+    cfg = VAEConfig(prior="learned")
+    fine = {"epoch": 3, "kl_active": 4, "val_kl_image": 3.1, "val_diversity": 0.2}
+    assert collapse_warning(fine, cfg, True) == ""
+    quiet = collapse_warning({**fine, "kl_active": 0, "val_kl_image": 0.001}, cfg, True)
+    assert quiet.startswith("warning: posterior collapse at epoch 3") and "0.001 nats per image" in quiet
+    alike = collapse_warning({**fine, "val_diversity": 0.002}, cfg, True)
+    assert "differ by 1 - IoU 0.0020" in alike
+    assert collapse_warning({**fine, "kl_active": 0}, cfg, False) == ""  # during the KL warm-up
+    assert collapse_warning({**fine, "kl_active": 0}, VAEConfig(stochastic=False), True) == ""
