@@ -13,7 +13,7 @@ from PIL import Image
 from ambiguity import (CAMVID_FLIPS, check_base_table, check_labels, merge_flipped, merge_flipped_probs, mode_maps,
                        mode_table)
 from checkpoint import build_model
-from conftest import CAMVID, TINY_MODEL, assert_refused, metrics_rows, run
+from conftest import CAMVID, CLASSES_CSV, TINY_MODEL, assert_refused, metrics_rows, run
 from dataset import Split, load_mask, make_class_table, normalize
 from evaluate import evaluate, summarize
 from model import SegVAE, VAEConfig, kl_loss
@@ -212,3 +212,45 @@ def test_collapse_warning():
     assert "differ by 1 - IoU 0.0020" in alike
     assert collapse_warning({**fine, "kl_active": 0}, cfg, False) == ""  # during the KL warm-up
     assert collapse_warning({**fine, "kl_active": 0}, VAEConfig(stochastic=False), True) == ""
+
+
+def test_sample_scores_against_several_annotators():
+    a = torch.tensor([[0, 0], [1, 1]])
+    b = torch.tensor([[0, 1], [1, 1]])
+    scores = SampleScores(2, 255, (2,))
+    scores.update(torch.stack([b, a]), torch.stack([a, b]))  # (K, H, W): samples are the annotations
+    r = scores.compute()
+    assert r["ged"][2] == pytest.approx(0, abs=1e-12) and r["e_yy"][2] > 0 and r["matched_iou"][2] == 1
+
+
+def test_test_py_scores_samples_against_every_annotator(tmp_path):
+    """A folder with masks/<annotator>/ subfolders: the distribution scores use both annotators."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for split, n in (("train", 8), ("val", 2)):
+        for sub in ("images", "masks/a", "masks/b"):
+            (root / split / sub).mkdir(parents=True)
+        for i in range(n):
+            mask = np.zeros((32, 48), np.uint8)
+            mask[16:] = 1
+            y, x = rng.integers(2, 20), rng.integers(2, 34)
+            mask[y:y + 10, x:x + 12] = 2
+            other = mask.copy()
+            other[y:y + 10, x:x + 12] = 1 if y >= 16 else 0  # the second annotator saw no box
+            image = (np.array([(60, 90, 220), (70, 180, 60), (220, 40, 40)])[mask]
+                     + rng.normal(0, 8, (32, 48, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(image).save(root / split / "images" / f"{i:03d}.png")
+            Image.fromarray(mask, mode="L").save(root / split / "masks" / "a" / f"{i:03d}.png")
+            Image.fromarray(other, mode="L").save(root / split / "masks" / "b" / f"{i:03d}.png")
+    (root / "classes.csv").write_text(CLASSES_CSV)
+    out = tmp_path / "run"
+    r = run("train.py", "--train_path", root / "train", "--val_path", root / "val", "--epochs", 1, "--output_dir",
+            out, "--prior", "learned", *TINY_MODEL)
+    assert r.returncode == 0, r.stderr
+    pred = tmp_path / "pred"
+    r = run("test.py", "--test_path", root / "val", "--model_path", out / "best.pt", "--samples", 4,
+            "--output_dir", pred, "--examples", 0)
+    assert r.returncode == 0, r.stderr
+    assert "the sample distribution's against all" in r.stdout
+    s = json.loads((pred / "metrics.json").read_text())["samples_scores"]
+    assert s["images"] == 2 and s["e_yy"]["4"] > 0  # two different annotations per image
