@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -76,6 +77,12 @@ def get_args(argv=None):
                    help="with --levers, also time torch.compile (needs a C++ compiler; compiling takes a minute)")
     p.add_argument("--lever_steps", type=int, default=10, help="timed steps per --levers variant")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--memory_pairs", type=int, nargs="+", metavar="N",
+                   help="instead of the rest: one training epoch of train.py on N CamVid pairs (a list file "
+                   "repeating train), for each N: peak private memory of the process tree and epoch time")
+    p.add_argument("--memory_seconds", type=float, default=0,
+                   help="with --memory_pairs: stop each epoch after this many seconds of training and project "
+                   "the epoch time from the steps done (0: whole epochs)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.levers and args.compile and shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -440,7 +447,84 @@ def cpu_name():
     return platform.processor() or "CPU"
 
 
+def private_mib(pid):
+    """Private memory of a process and all its descendants: resident anonymous pages (RssAnon),
+    what the kernel cannot drop or share. Memory-mapped cache pages are file-backed: not counted."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total / 2**10
+
+
+def memory_run(args, n, pairs, tmp):
+    """train.py for one epoch on `n` pairs (train repeated), sampling the private memory of its
+    process tree every 0.2 s. Returns peak MiB, data-preparation and training seconds, steps."""
+    lst = Path(tmp) / f"train{n}.txt"
+    lst.write_text("".join(f"{pairs[i % len(pairs)][0].resolve()} {pairs[i % len(pairs)][1].resolve()}\n"
+                           for i in range(n)))
+    table = dataset.find_class_table(Path(args.camvid) / "train")
+    (Path(tmp) / table.name).write_bytes(table.read_bytes())
+    cmd = [sys.executable, str(REPO / "train.py"), "--train_path", str(lst), "--epochs", "1",
+           "--image_size", *map(str, args.image_size), "--batch_size", str(args.batch_size),
+           "--cache_dir", str(Path(tmp) / "cache"), "--output_dir", str(Path(tmp) / f"run{n}"),
+           "--keep_epochs", "0", "--precision", args.precision, "--threads", str(args.threads or 2),
+           "--widths", *map(str, args.widths), "--latent_channels", str(args.latent_channels)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    os.set_blocking(proc.stdout.fileno(), False)
+    peak, started, log, stopped = 0.0, None, "", False
+    while proc.poll() is None:
+        peak = max(peak, private_mib(proc.pid))
+        log += (proc.stdout.read() or b"").decode(errors="replace")
+        if started is None and "config: " in log:
+            started = time.perf_counter()
+        if args.memory_seconds and started and not stopped and time.perf_counter() - started > args.memory_seconds:
+            proc.send_signal(2)  # SIGINT: train.py stops after the step and saves
+            stopped = True
+        time.sleep(0.2)
+    end = time.perf_counter()
+    log += (proc.stdout.read() or b"").decode(errors="replace")
+    if proc.returncode not in (0, 130) or started is None:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log[-2000:]}")
+    steps_total = math.ceil(n / args.batch_size)
+    steps_done = steps_total
+    if stopped:
+        m = re.search(r"stopped by SIGINT (\d+) of (\d+) steps", log)
+        steps_done = int(m.group(1)) if m else steps_total
+    return {"pairs": n, "peak_private_mib": peak, "prepare_s": started - t0, "train_s": end - started,
+            "steps_done": steps_done, "steps_epoch": steps_total,
+            "epoch_s": (end - started) * steps_total / max(steps_done, 1), "projected": stopped}
+
+
+def measure_memory(args):
+    pairs = dataset.find_pairs(Path(args.camvid) / "train")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.memory_pairs:
+            rows.append(memory_run(args, n, pairs, tmp))
+            r = rows[-1]
+            print(f"{n:>7} pairs  peak private {r['peak_private_mib']:7.0f} MiB  data preparation "
+                  f"{r['prepare_s']:6.1f} s  epoch {r['epoch_s']:7.0f} s"
+                  + (f" (projected from {r['steps_done']} of {r['steps_epoch']} steps)" if r["projected"] else ""),
+                  flush=True)
+    return rows
+
+
 def main(args):
+    if args.memory_pairs:
+        print("training one epoch per size at " + "x".join(map(str, args.image_size)) + f", batch {args.batch_size}")
+        rows = measure_memory(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return rows
     if args._worker:
         print(json.dumps(measure_training(args)))
         return None

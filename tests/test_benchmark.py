@@ -52,3 +52,13 @@ def test_levers_without_a_compiler_is_a_clear_error(monkeypatch):
     with pytest.raises(benchmark.dataset.DataError, match="needs a C\\+\\+ compiler.*--compile 0"):
         benchmark.get_args(["--levers"])
     assert benchmark.get_args(["--levers", "--compile", "0"]).levers  # without torch.compile it runs
+
+
+def test_memory_scaling_runs_train_py_and_reads_private_memory(tiny_data, tmp_path):
+    args = benchmark.get_args(["--camvid", str(tiny_data), *TINY, "--memory_pairs", "8", "16"])
+    rows = benchmark.main(args)
+    assert [r["pairs"] for r in rows] == [8, 16]
+    for r in rows:
+        assert 50 < r["peak_private_mib"] < 4000  # a python with torch, not zero and not the mapped cache
+        assert r["epoch_s"] > 0 and r["prepare_s"] > 0 and not r["projected"]
+        assert r["steps_done"] == r["steps_epoch"] == r["pairs"] // 4
