@@ -382,17 +382,16 @@ class SegVAE(nn.Module):
         return logits, mu_q, logvar_q, mu, logvar
 
     @torch.no_grad()
-    def sample(self, x, n, generator=None, latent_scale=1.0):
+    def sample(self, x, n, generator=None):
         """n latent samples per image, decoded in one batch: logits (n, B, classes, H, W), z from
-        q(z|x) (standard) or the prior p(z|x) (learned). n = 1 decodes the mean. `latent_scale`
-        multiplies sigma (a calibration knob)."""
+        q(z|x) (standard) or the prior p(z|x) (learned). n = 1 decodes the mean."""
         x, (h, w) = self._pad(x)
         mu, logvar, feats = self.encode(x)
         b = mu.shape[0]
         if n == 1 or not self.config.stochastic:
             z = mu.expand(n, *mu.shape)
         else:
-            std = torch.exp(0.5 * logvar) * latent_scale
+            std = torch.exp(0.5 * logvar)
             eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + std * eps  # (n, B, *latent)
         z = z.reshape(n * b, *mu.shape[1:])

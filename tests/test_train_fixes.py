@@ -235,3 +235,23 @@ def test_ema_weights_are_what_is_validated_and_saved(tiny_data, tmp_path):
 
     init = SegVAE(VAEConfig.from_dict(last["model_config"])).state_dict()[name]
     assert (last["model"][name] - last["train_model"][name]).norm() < (init - last["train_model"][name]).norm()
+
+
+def test_threads_leave_the_cores_other_processes_keep_busy(monkeypatch):
+    """With torch's default threads, a second busy process made epochs 20-50x slower: the default
+    (0) now takes the busy cores off, says so, and an explicit --threads is obeyed as given."""
+    import runtime
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(runtime, "busy_cores", lambda interval=0.2: 1.1)
+        monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1})
+        note = runtime.set_threads(0)
+        assert torch.get_num_threads() == 1 and "1.1 of 2 cores busy" in note
+        torch.set_num_threads(2)
+        assert runtime.set_threads(2) == "" and torch.get_num_threads() == 2
+        monkeypatch.setattr(runtime, "busy_cores", lambda interval=0.2: 0.1)  # idle: torch's default stays
+        assert runtime.set_threads(0) == "" and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
