@@ -464,17 +464,17 @@ def private_mib(pid):
     return total / 2**10
 
 
-def memory_run(args, n, pairs, tmp):
+def memory_run(args, n, pairs, tmp, run=0):
     """train.py for one epoch on `n` pairs (train repeated), sampling the private memory of its
     process tree every 0.2 s. Returns peak MiB, data-preparation and training seconds, steps."""
-    lst = Path(tmp) / f"train{n}.txt"
+    lst = Path(tmp) / f"train{n}.txt"  # the same n twice: the same list, so the second run maps the cache
     lst.write_text("".join(f"{pairs[i % len(pairs)][0].resolve()} {pairs[i % len(pairs)][1].resolve()}\n"
                            for i in range(n)))
     table = dataset.find_class_table(Path(args.camvid) / "train")
     (Path(tmp) / table.name).write_bytes(table.read_bytes())
     cmd = [sys.executable, str(REPO / "train.py"), "--train_path", str(lst), "--epochs", "1",
            "--image_size", *map(str, args.image_size), "--batch_size", str(args.batch_size),
-           "--cache_dir", str(Path(tmp) / "cache"), "--output_dir", str(Path(tmp) / f"run{n}"),
+           "--cache_dir", str(Path(tmp) / "cache"), "--output_dir", str(Path(tmp) / f"run{run}-{n}"),
            "--keep_epochs", "0", "--precision", args.precision, "--threads", str(args.threads or 2),
            "--widths", *map(str, args.widths), "--latent_channels", str(args.latent_channels)]
     t0 = time.perf_counter()
@@ -509,7 +509,7 @@ def measure_memory(args):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.memory_pairs:
-            rows.append(memory_run(args, n, pairs, tmp))
+            rows.append(memory_run(args, n, pairs, tmp, len(rows)))
             r = rows[-1]
             print(f"{n:>7} pairs  peak private {r['peak_private_mib']:7.0f} MiB  data preparation "
                   f"{r['prepare_s']:6.1f} s  epoch {r['epoch_s']:7.0f} s"

@@ -55,9 +55,9 @@ def test_levers_without_a_compiler_is_a_clear_error(monkeypatch):
 
 
 def test_memory_scaling_runs_train_py_and_reads_private_memory(tiny_data, tmp_path):
-    args = benchmark.get_args(["--camvid", str(tiny_data), *TINY, "--memory_pairs", "8", "16"])
+    args = benchmark.get_args(["--camvid", str(tiny_data), *TINY, "--memory_pairs", "8", "8", "16"])
     rows = benchmark.main(args)
-    assert [r["pairs"] for r in rows] == [8, 16]
+    assert [r["pairs"] for r in rows] == [8, 8, 16]
     for r in rows:
         assert 50 < r["peak_private_mib"] < 4000  # a python with torch, not zero and not the mapped cache
         assert r["epoch_s"] > 0 and r["prepare_s"] > 0 and not r["projected"]
