@@ -1451,7 +1451,12 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
         theta[:, 0, 0], theta[:, 0, 1] = fx * cos * sign, -sin * (h / s) / big_w
         theta[:, 1, 0], theta[:, 1, 1] = sin * (w / s) / big_h * sign, fy * cos
     theta = theta.to(dev)
-    grid = F.affine_grid(theta, [b, images.shape[1], h, w], align_corners=False)  # (B, h, w, 2)
+    # F.affine_grid's grid, by broadcasting (affine_grid runs a batched matmul over every pixel):
+    # output pixel centres at (2j + 1) / w - 1, (2i + 1) / h - 1 (align_corners=False)
+    xs = (torch.arange(w, device=dev, dtype=theta.dtype) * 2 + 1) / w - 1  # (w,)
+    ys = (torch.arange(h, device=dev, dtype=theta.dtype) * 2 + 1) / h - 1  # (h,)
+    t = theta[:, :, :, None, None]  # (B, 2, 3, 1, 1)
+    grid = (t[:, :, 0] * xs + t[:, :, 1] * ys[:, None] + t[:, :, 2]).permute(0, 2, 3, 1)  # (B, h, w, 2)
     out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="reflection",
                         align_corners=False)
     # Labels shifted by one so that 0 marks "outside the image" after zero padding.
@@ -1460,14 +1465,19 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
     out_masks = torch.where(m == 0, torch.full_like(m, ignore_index), m - 1)
     if jitter:
         # saturation s, then contrast c about the image mean, then brightness, folded into one
-        # multiply-add: c*s*x + c*(1-s)*gray + (1-c)*mean + 4*bright (mixing with the grey image
-        # keeps the mean, so the contrast pivot is the mean of the input).
-        bright = u(-jitter, jitter).view(b, 1, 1, 1).to(dev)
-        contrast = u(1 - jitter, 1 + jitter).view(b, 1, 1, 1).to(dev)
-        sat = u(1 - jitter, 1 + jitter).view(b, 1, 1, 1).to(dev)
-        gray = out.mean(1, keepdim=True)
-        offset = (1 - contrast) * gray.mean((2, 3), keepdim=True) + bright * 4  # ~jitter*255/std, normalized
-        out = torch.addcmul(torch.addcmul(offset, contrast * (1 - sat), gray), contrast * sat, out)
+        # colour matrix per image: c*s*x + c*(1-s)*gray + (1-c)*mean + 4*bright (mixing with the grey
+        # image keeps the mean, so the contrast pivot is the mean of the input). One batched
+        # matrix product over the pixels reads the batch once (the same sum as elementwise
+        # multiply-adds, at half the time).
+        bright = u(-jitter, jitter).view(b, 1, 1).to(dev)
+        contrast = u(1 - jitter, 1 + jitter).view(b, 1, 1).to(dev)
+        sat = u(1 - jitter, 1 + jitter).view(b, 1, 1).to(dev)
+        c = out.shape[1]
+        eye = torch.eye(c, device=dev, dtype=out.dtype)
+        matrix = contrast * sat * eye + contrast * (1 - sat) / c  # (B, C, C)
+        offset = (1 - contrast) * out.mean((1, 2, 3)).view(b, 1, 1) + bright * 4  # ~jitter*255/std, normalized
+        flat = out.reshape(b, c, -1)  # (B, C, h*w)
+        out = torch.baddbmm(offset.expand(b, c, 1), matrix.to(out.dtype), flat).view_as(out)
     return out, out_masks
 
 
