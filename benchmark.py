@@ -183,7 +183,7 @@ def count_flops(model, size, device):
     return fwd.get_total_flops(), bwd.get_total_flops()
 
 
-def training_setup(targs, table, masks, n_train, device, dtype, channels_last=True):
+def training_setup(targs, table, class_weights, n_train, device, dtype, channels_last=True):
     """Model, optimizer, schedule, ctx and state as train._main builds them (one process)."""
     torch.manual_seed(targs.seed)
     model = new_model(targs, table, device, channels_last)
@@ -195,7 +195,7 @@ def training_setup(targs, table, masks, n_train, device, dtype, channels_last=Tr
            "rank": 0, "world": 1, "is_main": False,  # no tqdm bar
            "scaler": torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
            "size": tuple(targs.image_size), "total_steps": total, "stop": {"signal": None},
-           "class_weights": train.median_frequency_weights(masks, table.num_classes, table.ignore_index).to(device)}
+           "class_weights": class_weights.to(device)}
     state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "nonfinite": 0, "partial": train.new_partial(device)}
     return model, ctx, state
 
@@ -247,7 +247,7 @@ def interleaved_times(args, steps, device):
     return times
 
 
-def lever_times(args, targs, table, images, masks, device, dtype):
+def lever_times(args, targs, table, images, masks, class_weights, device, dtype):
     """Median fixed-batch step time of the recipe's model with each speed lever switched off in
     turn (memory format, autocast dtype, threads) and with torch.compile, steps interleaved."""
     variants = [("NCHW, fp32", False, None, 0, False), ("channels-last, fp32", True, None, 0, False)]
@@ -261,7 +261,7 @@ def lever_times(args, targs, table, images, masks, device, dtype):
         variants.append((name + ", 1 thread", True, dtype, 1, False))
     steps = {}
     for label, channels_last, dt, threads, compiled in variants:
-        model, ctx, state = training_setup(targs, table, masks, len(images), device, dt, channels_last)
+        model, ctx, state = training_setup(targs, table, class_weights, len(images), device, dt, channels_last)
         if compiled:
             model = torch.compile(model)
         step = fixed_batch_step(targs, model, ctx, state, images, masks, channels_last)
@@ -321,7 +321,9 @@ def measure_training(args):
         out["map_s"] = time.perf_counter() - t0
         out["cache_mib"] = dataset.split_bytes(split.cache) / 2**20
     # The folder is gone now; its memory maps stay valid until the split is dropped (POSIX).
-    model, ctx, state = training_setup(targs, table, split.masks, len(pairs), device, dtype)
+    # as train.py: the weights from the cache's class counts, not a second scan of every mask
+    class_weights = train.median_frequency_weights_of(split.stats["pixels"], split.stats["image_pixels"])
+    model, ctx, state = training_setup(targs, table, class_weights, len(pairs), device, dtype)
     split = train.cache_on_device(split, device)  # as train.py, after the class weights
     out["rss_before_mib"] = peak_rss_mib()
     steps = {"fixed": fixed_batch_step(targs, model, ctx, state, split.images[:b], split.masks[:b]),
@@ -333,7 +335,7 @@ def measure_training(args):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if args.levers:  # after the memory reading: these are extra models
         out["levers"], out["levers_s"] = lever_times(args, targs, table, split.images[:b], split.masks[:b],
-                                                     device, dtype)
+                                                     class_weights, device, dtype)
     if args.profile:  # after the memory reading: the profiler holds its own buffers
         print_profile(args, targs, model, ctx, state, split)
     return out

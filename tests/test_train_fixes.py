@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_MODEL, assert_refused, run
 
 import train
-from checkpoint import load_checkpoint
+from checkpoint import build_model, load_checkpoint
 from dataset import DataError
 
 RUN = [*TINY_MODEL, "--precision", "fp32"]
@@ -52,7 +52,7 @@ def test_restored_loss_sums_are_counted_once(tiny_data, tmp_path):
     train.main(train.get_args(argv(tiny_data, out, "--epochs", 1)))
     ckpt = load_checkpoint(out / "last.pt")
     ckpt["partial"] = {"loss": 6.0, "kl": 1.0, "images": 4.0}
-    model, _, _ = _fresh(ckpt)
+    model = build_model(ckpt)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -62,12 +62,6 @@ def test_restored_loss_sums_are_counted_once(tiny_data, tmp_path):
         train.restore(ckpt, model, opt, sched, scaler, state, torch.device("cpu"), rank)
         sums.append(float(state["partial"]["loss"]))
     assert sums == [6.0, 0.0]
-
-
-def _fresh(ckpt):
-    from checkpoint import build_model
-
-    return build_model(ckpt), None, None
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", 3), ("--batch_size", 2), ("--lr", 0.5),
