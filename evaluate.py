@@ -173,6 +173,7 @@ class Predictor:
     tile_size: tuple = (512, 512)
     seed: int = 0
     batch_size: int = 8  # tiles per forward pass
+    scales: tuple = (1.0,)  # test-time multi-scale: the image resized by each factor, logits averaged
 
     def __post_init__(self):
         self.restart()
@@ -185,14 +186,29 @@ class Predictor:
     def settings(self):
         """What the probabilities depend on besides the weights: the key under which a fitted
         temperature is stored."""
-        return f"samples={self.samples} flip={int(self.flip)} resolution={self.resolution}"
+        key = f"samples={self.samples} flip={int(self.flip)} resolution={self.resolution}"
+        return key if tuple(self.scales) == (1.0,) else key + " scales=" + ",".join(f"{s:g}" for s in self.scales)
 
     def logits(self, images):
         """images: list of uint8 (3, H, W) -> list of float32 logits (S, F, C, h, w) on the
-        device, F = 2 with flip (the mirrored image's logits mirrored back), else 1; (h, w) is
-        the training size, or the image's own size with resolution "native"."""
+        device, one view per scale and orientation: F = len(scales) x (2 with flip (the mirrored
+        image's logits mirrored back), else 1); (h, w) is the training size, or the image's own
+        size with resolution "native". Other scales' logits are resized to (h, w)."""
+        if tuple(self.scales) == (1.0,):
+            return self._logits(images, 1.0)
+        views = [self._logits(images, s) for s in self.scales]
+        base = [tuple(self.image_size) if self.resolution == "train" else tuple(im.shape[-2:]) for im in images]
+        return [torch.cat([self.at_size(v[k], base[k]) for v in views], 1) for k in range(len(images))]
+
+    def _logits(self, images, scale):
+        """`logits` of the images resized by `scale` from the size the network sees them at."""
+        def scaled(size):
+            return [max(1, round(n * scale)) for n in size]
+
         if self.resolution == "train":
-            return self._forward(torch.stack([resize_image(im, self.image_size) for im in images]))
+            return self._forward(torch.stack([resize_image(im, scaled(self.image_size)) for im in images]))
+        if scale != 1.0:
+            images = [resize_image(im, scaled(im.shape[-2:])) for im in images]
         out = [None] * len(images)
         same_size = {}
         for k, im in enumerate(images):

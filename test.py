@@ -385,8 +385,8 @@ def run_split(args, ckpt, predictor, temperature):
         print_sample_scores(metrics["samples_scores"], args.sampling, flips)
     metrics.update({"classes": table.names, "confusion_matrix": split_scores.cm.tolist(), "images": len(split),
                     "data": str(args.test_path), "checkpoint": str(args.model_path), "samples": args.samples,
-                    "flip": args.flip, "resolution": args.resolution, "seed": args.seed, "sampling": args.sampling,
-                    "temperature": temperature})
+                    "flip": args.flip, "scales": args.scales, "resolution": args.resolution, "seed": args.seed,
+                    "sampling": args.sampling, "temperature": temperature})
     files = [out_dir / n for n in ("metrics.json", "confusion_matrix.png", "reliability.png")]
     write_json(files[0], metrics)
     save_confusion(files[1], metrics["confusion_matrix"], table.names)
@@ -423,6 +423,9 @@ def get_args(argv=None):
     p.add_argument("--batch_size", type=int, default=8, help="images (or tiles) per forward pass")
     p.add_argument("--flip", action="store_true", help="average each sample's probabilities with those of the "
                    "mirrored image (test-time flip)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="test-time multi-scale: also see each image resized by these factors (relative to "
+                   "--resolution's size) and average the probabilities, e.g. 0.75 1 1.25 (default: 1)")
     p.add_argument("--samples", type=int, default=1, help="latent samples per image; 1 decodes the mean "
                    "latent, more adds uncertainty maps")
     p.add_argument("--resolution", default="train", choices=RESOLUTIONS, help="train: the network sees each "
@@ -454,6 +457,9 @@ def get_args(argv=None):
         raise DataError(f"--examples {args.examples} must be 0 or more")
     if args.samples < 1 or args.batch_size < 1:
         raise DataError(f"--samples {args.samples} and --batch_size {args.batch_size} must be at least 1")
+    if min(args.scales) <= 0 or max(args.scales) > 4:
+        raise DataError(f"--scales {' '.join(f'{s:g}' for s in args.scales)}: each must be above 0 and at most 4 "
+                        "(e.g. --scales 0.75 1 1.25)")
     if min(args.tile_size) < 1 or args.threads < 0:
         raise DataError(f"--tile_size {args.tile_size[0]} {args.tile_size[1]} must be positive and --threads "
                         f"{args.threads} 0 or more")
@@ -475,7 +481,7 @@ def main(args):
     ckpt = load_checkpoint(args.model_path, device)
     model = build_model(ckpt, args.model_path, device)
     predictor = Predictor(model, device, dtype, tuple(ckpt["image_size"]), args.samples, args.flip,
-                          args.resolution, tuple(args.tile_size), args.seed, args.batch_size)
+                          args.resolution, tuple(args.tile_size), args.seed, args.batch_size, tuple(args.scales))
     temperature = temperature_for(ckpt, predictor)
     size = "x".join(map(str, ckpt["image_size"]))
     print(f"{args.model_path}: epoch {ckpt.get('epoch', '?')}, trained at {size}; {predictor.settings()}, "

@@ -417,6 +417,11 @@ def test_samples_not_a_number(root, run_dir):
 
 
 @case
+def test_scale_of_zero(root, run_dir):
+    return test_cmd(run_dir / "best.pt", "--test_image_path", root, "--scales", 1, 0), ["--scales 1 0"]
+
+
+@case
 def crop_larger_than_images(root, run_dir):
     return train_cmd(root, split(root), "--image_size", 32, 48, "--crop_size", 40, 48), ["--crop_size 40 48", "32 48"]
 

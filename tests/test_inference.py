@@ -333,6 +333,26 @@ def test_tiles_blend_back_to_the_whole_image():
         assert all(b - a <= t - t // 4 for a, b in zip(starts, starts[1:]))  # overlapping, no gap
 
 
+@pytest.mark.parametrize("resolution", ["train", "native"])
+def test_multi_scale_views_are_each_scale_resized_back(resolution):
+    """--scales: one view per scale (and orientation), each the logits of the image resized by
+    that factor, brought back to the size the network sees the image at; its own settings key."""
+    torch.manual_seed(0)
+    model = PixelModel()
+    image = torch.randint(0, 256, (3, 24, 40), dtype=torch.uint8)
+    size = (32, 48) if resolution == "train" else (24, 40)
+    one, multi = (Predictor(model, torch.device("cpu"), None, (32, 48), samples=2, flip=True, resolution=resolution,
+                            scales=s) for s in ((1.0,), (1.0, 0.5)))
+    base, views = one.logits([image])[0], multi.logits([image])[0]
+    assert base.shape == (2, 2, 5, *size) and views.shape == (2, 4, 5, *size)
+    assert torch.equal(views[:, :2], base)
+    half = model.conv(normalize(resize_image(image, [n // 2 for n in size])[None]))
+    expected = F.interpolate(half, size=size, mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(views[0, 2], expected, atol=1e-5)
+    assert torch.allclose(views[0, 3], expected, atol=1e-4)  # the mirrored half-size image, mirrored back
+    assert multi.settings() == one.settings() + " scales=1,0.5"
+
+
 def test_native_resolution_split(script, trained_tiny, tmp_path):
     """Images larger than the training size: segmented at their own size (tiled here), every
     valid pixel scored once, the masks at the image's size."""
