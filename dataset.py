@@ -1402,9 +1402,14 @@ def absent_classes(stats, table):
 def normalize(images):
     """uint8 (B, 3, H, W) -> float, ImageNet mean/std (any fixed affine map works; this one is
     what users of pretrained encoders expect). One fused multiply-add, no uint8 -> float copy."""
-    scale = 1 / (torch.tensor(IMAGENET_STD, device=images.device) * 255)
-    shift = -torch.tensor(IMAGENET_MEAN, device=images.device) / torch.tensor(IMAGENET_STD, device=images.device)
+    scale, shift = normalization(images.device)
     return torch.addcmul(shift.view(1, 3, 1, 1), images, scale.view(1, 3, 1, 1))
+
+
+def normalization(device):
+    """Per-channel (scale, shift) of `normalize`: x * scale + shift."""
+    std = torch.tensor(IMAGENET_STD, device=device)
+    return 1 / (std * 255), -torch.tensor(IMAGENET_MEAN, device=device) / std
 
 
 def draw_annotations(masks, generator):
@@ -1423,8 +1428,10 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
     and masks (nearest: labels are never interpolated), plus brightness/contrast/saturation
     jitter on the images. One batched grid_sample instead of a Python loop per sample.
 
-    images: (B, 3, H, W) float (normalized); masks: (B, H, W) integer. Pixels pulled in from
-    outside the image become void. `out_size` (h, w) returns random crops of that size (at zoom
+    images: (B, 3, H, W) uint8 (normalized on the way, in the same pass as the jitter) or float
+    (already normalized); masks: (B, H, W) integer (uint8 is cheapest). Returns normalized float
+    images (channels-last unless float input with no jitter) and int64 masks. Pixels pulled in from outside the
+    image become void. `out_size` (h, w) returns random crops of that size (at zoom
     1 a crop keeps the input's pixel scale); default: the input size. `generator` makes the
     draw reproducible.
     """
@@ -1457,28 +1464,48 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
     ys = (torch.arange(h, device=dev, dtype=theta.dtype) * 2 + 1) / h - 1  # (h,)
     t = theta[:, :, :, None, None]  # (B, 2, 3, 1, 1)
     grid = (t[:, :, 0] * xs + t[:, :, 1] * ys[:, None] + t[:, :, 2]).permute(0, 2, 3, 1)  # (B, h, w, 2)
-    out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="reflection",
-                        align_corners=False)
-    # Labels shifted by one so that 0 marks "outside the image" after zero padding.
-    m = F.grid_sample((masks.float() + 1)[:, None], grid.float(), mode="nearest", padding_mode="zeros",
-                      align_corners=False)[:, 0].long()  # (B, H, W)
-    out_masks = torch.where(m == 0, torch.full_like(m, ignore_index), m - 1)
+    raw = images.dtype == torch.uint8
+    out = F.grid_sample(images.float() if raw else images, grid.to(torch.float32 if raw else images.dtype),
+                        mode="bilinear", padding_mode="reflection", align_corners=False)
+    out_masks = nearest_labels(masks, grid, ignore_index)
+    if not (jitter or raw):
+        return out, out_masks
+    # One colour map per image, z = A x + o, applied by one batched matrix product that reads the
+    # batch once and, written as (pixels, C) x (C, C), lays the result out channels-last as the
+    # model takes it. It holds the normalization y = D x + t of uint8 input and the jitter:
+    # saturation s, then contrast c about the image mean, then brightness, M y + (1 - c) mean +
+    # 4 bright with M = c s I + c (1 - s) / C (mixing with the grey image keeps the mean, so the
+    # contrast pivot is the mean of the input).
+    c = out.shape[1]
+    d, t = normalization(dev) if raw else (torch.ones(c, device=dev), torch.zeros(c, device=dev))
+    eye = torch.eye(c, device=dev)
     if jitter:
-        # saturation s, then contrast c about the image mean, then brightness, folded into one
-        # colour matrix per image: c*s*x + c*(1-s)*gray + (1-c)*mean + 4*bright (mixing with the grey
-        # image keeps the mean, so the contrast pivot is the mean of the input). One batched
-        # matrix product over the pixels reads the batch once (the same sum as elementwise
-        # multiply-adds, at half the time).
         bright = u(-jitter, jitter).view(b, 1, 1).to(dev)
         contrast = u(1 - jitter, 1 + jitter).view(b, 1, 1).to(dev)
         sat = u(1 - jitter, 1 + jitter).view(b, 1, 1).to(dev)
-        c = out.shape[1]
-        eye = torch.eye(c, device=dev, dtype=out.dtype)
-        matrix = contrast * sat * eye + contrast * (1 - sat) / c  # (B, C, C)
-        offset = (1 - contrast) * out.mean((1, 2, 3)).view(b, 1, 1) + bright * 4  # ~jitter*255/std, normalized
-        flat = out.reshape(b, c, -1)  # (B, C, h*w)
-        out = torch.baddbmm(offset.expand(b, c, 1), matrix.to(out.dtype), flat).view_as(out)
+        m = contrast * sat * eye + contrast * (1 - sat) / c  # (B, C, C), symmetric
+        mean = (out.float().mean((2, 3)) * d + t).mean(1).view(b, 1, 1)  # of the normalized image
+        offset = (m @ t.view(c, 1)).transpose(1, 2) + (1 - contrast) * mean + bright * 4  # (B, 1, C)
+    else:
+        m, offset = eye.expand(b, c, c), t.view(1, 1, c).expand(b, 1, c)
+    a = d.view(1, c, 1) * m  # (A^T)[k, j] = d_k M[j, k], M symmetric
+    pixels = out.reshape(b, c, h * w).transpose(1, 2)  # (B, h*w, C), a view
+    out = torch.baddbmm(offset.to(out.dtype), pixels, a.to(out.dtype))  # (B, h*w, C)
+    out = out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last strides
     return out, out_masks
+
+
+def nearest_labels(masks, grid, ignore_index):
+    """Labels of (B, H, W) `masks` at the sampling `grid` (B, h, w, 2) (normalized, align_corners
+    False), nearest pixel, void outside the image: what grid_sample's nearest mode gives, read by
+    an integer gather from masks framed by one void pixel (no float copies of the labels)."""
+    b, big_h, big_w = masks.shape
+    framed = F.pad(masks, (1, 1, 1, 1), value=ignore_index).view(b, -1)
+    # input pixel x = ((g + 1) W - 1) / 2, nearest = floor(x + 1/2); -1 and W land on the frame
+    ix = grid[..., 0].add(1).mul_(big_w / 2).floor_().clamp_(-1, big_w).add_(1)
+    iy = grid[..., 1].add(1).mul_(big_h / 2).floor_().clamp_(-1, big_h).add_(1)
+    index = iy.mul_(big_w + 2).add_(ix).view(b, -1).long()
+    return framed.gather(1, index).view(b, *grid.shape[1:3]).long()
 
 
 # ---------------------------------------------------------------------------------------------

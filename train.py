@@ -464,14 +464,16 @@ def train_one_epoch(model, train, state, args, ctx):
     bar = tqdm(initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
                disable=None if ctx["is_main"] else True, leave=False, dynamic_ncols=True)  # None: terminal only
     for images, target in batches_of(train, batches[state["batch_in_epoch"]:], args.workers, device):
-        images = dataset.normalize(images.to(device, non_blocking=True))
+        images = images.to(device, non_blocking=True)  # uint8: augment normalizes in its colour pass
         target = target.to(device, non_blocking=True)
         gen = torch.Generator().manual_seed(augment_seed(args.seed, state["step"], ctx["rank"]))
         if target.dim() == 4:  # (B, K, H, W): one of the K annotations per image, drawn each step
             target = dataset.draw_annotations(target, gen)
-        target = target.long()
-        if args.augment or crop:
+        if args.augment or crop:  # labels stay uint8 through the resampling
             images, target = dataset.augment(images, target, gen, table.ignore_index, out_size=crop, **fixed)
+        else:
+            images = dataset.normalize(images)
+        target = target.long()
         if ctx.get("flips"):
             target = flip_labels(target, gen, ctx["flips"])  # (B, h, w) in the 16 classes, void 255
         stop = train_step(model, images.contiguous(memory_format=torch.channels_last), target, state, args, ctx)
