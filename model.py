@@ -469,10 +469,13 @@ def segmentation_loss(logits, target, kind, ignore_index, class_weights=None):
     """Per-pixel loss over non-void pixels. logits (B, C, H, W); target (B, H, W) int64.
     "ce": cross-entropy; "mse": squared error between softmax probabilities and the one-hot
     mask, summed over classes (the Brier score, Brier 1950), averaged over valid pixels.
-    class_weights (C,) reweights each pixel by its true class (normalized weighted mean)."""
+    class_weights (C,) reweights each pixel by its true class (normalized weighted mean).
+    "ce_dice": cross-entropy plus the soft Dice loss (Milletari et al. 2016), which weighs each
+    class present in the batch alike however few its pixels (thin and rare classes)."""
     logits = logits.float()
-    if kind == "ce":
-        return F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index)
+    if kind in ("ce", "ce_dice"):
+        ce = F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index)
+        return ce + soft_dice_loss(logits, target, ignore_index) if kind == "ce_dice" else ce
     if kind != "mse":
         raise ValueError(f"unknown loss {kind!r}")
     valid = target != ignore_index  # (B, H, W)
@@ -482,6 +485,25 @@ def segmentation_loss(logits, target, kind, ignore_index, class_weights=None):
     per_pixel = (probs - onehot).pow(2).sum(dim=1)  # (B, H, W)
     w = valid.float() if class_weights is None else class_weights[safe] * valid
     return (per_pixel * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def soft_dice_loss(logits, target, ignore_index):
+    """1 - the mean over the classes present in the batch's masks of the soft Dice score
+    2 sum(p y) / (sum(p) + sum(y)) over the batch's non-void pixels. logits (B, C, H, W) float;
+    target (B, H, W) int64. Reads the probabilities at the true class by a gather, no one-hot."""
+    c = logits.shape[1]
+    valid = target != ignore_index
+    probs = logits.softmax(dim=1)
+    truth = target[valid]
+    at_truth = probs.permute(0, 2, 3, 1)[valid].gather(1, truth[:, None])[:, 0]  # (n,)
+    overlap = torch.zeros(c, device=logits.device).index_add_(0, truth, at_truth)
+    true_pixels = torch.bincount(truth, minlength=c).to(probs.dtype)
+    predicted = (probs * valid[:, None]).sum((0, 2, 3))
+    present = true_pixels > 0
+    if not present.any():
+        return logits.sum() * 0
+    dice = 2 * overlap[present] / (predicted[present] + true_pixels[present])
+    return 1 - dice.mean()
 
 
 def active_channels(mu_var, threshold=0.01):

@@ -118,8 +118,9 @@ def get_args(argv=None):
     o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
     o.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     o.add_argument("--warmup", type=float, default=0.03, help="share of steps with linear LR warm-up")
-    o.add_argument("--loss", default="ce", choices=["ce", "mse"],
-                   help="ce: pixel cross-entropy; mse: squared error of class probabilities vs one-hot")
+    o.add_argument("--loss", default="ce", choices=["ce", "mse", "ce_dice"],
+                   help="ce: pixel cross-entropy; mse: squared error of class probabilities vs one-hot; "
+                   "ce_dice: cross-entropy plus soft Dice (each class present weighs alike: thin, rare classes)")
     o.add_argument("--class_weights", default="median_freq", choices=["none", "median_freq"],
                    help="per-class loss weights computed from the training masks (Eigen & Fergus 2015)")
     o.add_argument("--kl_weight", type=float, default=1.0,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import SegVAE, VAEConfig, kl_loss, kl_per_channel, segmentation_loss
+from model import SegVAE, VAEConfig, kl_loss, kl_per_channel, segmentation_loss, soft_dice_loss
 
 TINY = VAEConfig(num_classes=3, widths=(8, 16), latent_channels=4)
 
@@ -57,6 +57,24 @@ def test_losses_ignore_void_and_mse_is_brier():
     changed[..., 1] = -7.0  # whatever happens on the void pixel does not count
     for kind in ("ce", "mse"):
         assert segmentation_loss(changed, target, kind, 9) == segmentation_loss(logits, target, kind, 9)
+
+
+def test_dice_term_on_hand_computed_cases():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 5.0]]]])  # (1, 2, 1, 2)
+    target = torch.tensor([[[0, 9]]])  # one valid pixel, of class 0; class 1 absent
+    p0 = math.exp(2) / (math.exp(2) + 1)
+    # class 0 alone is present: Dice = 2 p0 / (p0 + 1)
+    assert soft_dice_loss(logits, target, 9).item() == pytest.approx(1 - 2 * p0 / (p0 + 1), rel=1e-5)
+    assert segmentation_loss(logits, target, "ce_dice", 9).item() == pytest.approx(
+        -math.log(p0) + 1 - 2 * p0 / (p0 + 1), rel=1e-5)
+    # a confident, right prediction of two classes: Dice near 1 for both
+    sure = torch.tensor([[[[20.0, -20.0]], [[-20.0, 20.0]]]])
+    assert soft_dice_loss(sure, torch.tensor([[[0, 1]]]), 9).item() == pytest.approx(0, abs=1e-6)
+    # a class of one pixel weighs as much as a class of three
+    thin = torch.zeros(1, 2, 1, 4, requires_grad=True)
+    soft_dice_loss(thin, torch.tensor([[[0, 0, 0, 1]]]), 9).backward()
+    assert thin.grad[0, 1, 0, 3] < 0 and abs(thin.grad[0, 1, 0, 3]) > abs(thin.grad[0, 0, 0, 0])
+    assert soft_dice_loss(logits, torch.full((1, 1, 2), 9), 9).item() == 0  # all void
 
 
 def test_class_weights_reweight_mse():
