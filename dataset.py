@@ -1430,7 +1430,7 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
 
     images: (B, 3, H, W) uint8 (normalized on the way, in the same pass as the jitter) or float
     (already normalized); masks: (B, H, W) integer (uint8 is cheapest). Returns normalized float
-    images (channels-last unless float input with no jitter) and int64 masks. Pixels pulled in from outside the
+    images and int64 masks. Pixels pulled in from outside the
     image become void. `out_size` (h, w) returns random crops of that size (at zoom
     1 a crop keeps the input's pixel scale); default: the input size. `generator` makes the
     draw reproducible.
@@ -1467,15 +1467,15 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
     raw = images.dtype == torch.uint8
     out = F.grid_sample(images.float() if raw else images, grid.to(torch.float32 if raw else images.dtype),
                         mode="bilinear", padding_mode="reflection", align_corners=False)
-    out_masks = nearest_labels(masks, grid, ignore_index)
+    out_masks = nearest_labels(masks, theta, (h, w), ignore_index)
     if not (jitter or raw):
         return out, out_masks
     # One colour map per image, z = A x + o, applied by one batched matrix product that reads the
-    # batch once and, written as (pixels, C) x (C, C), lays the result out channels-last as the
-    # model takes it. It holds the normalization y = D x + t of uint8 input and the jitter:
-    # saturation s, then contrast c about the image mean, then brightness, M y + (1 - c) mean +
-    # 4 bright with M = c s I + c (1 - s) / C (mixing with the grey image keeps the mean, so the
-    # contrast pivot is the mean of the input).
+    # batch once (a (C, C) x (C, pixels) product: the (pixels, C) x (C, C) form that would write
+    # channels-last directly measured 5x slower on CPU). It holds the normalization y = D x + t
+    # of uint8 input and the jitter: saturation s, then contrast c about the image mean, then
+    # brightness, M y + (1 - c) mean + 4 bright with M = c s I + c (1 - s) / C (mixing with the
+    # grey image keeps the mean, so the contrast pivot is the mean of the input).
     c = out.shape[1]
     d, t = normalization(dev) if raw else (torch.ones(c, device=dev), torch.zeros(c, device=dev))
     eye = torch.eye(c, device=dev)
@@ -1483,29 +1483,40 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
         bright = u(-jitter, jitter).view(b, 1, 1).to(dev)
         contrast = u(1 - jitter, 1 + jitter).view(b, 1, 1).to(dev)
         sat = u(1 - jitter, 1 + jitter).view(b, 1, 1).to(dev)
-        m = contrast * sat * eye + contrast * (1 - sat) / c  # (B, C, C), symmetric
+        m = contrast * sat * eye + contrast * (1 - sat) / c  # (B, C, C)
         mean = (out.float().mean((2, 3)) * d + t).mean(1).view(b, 1, 1)  # of the normalized image
-        offset = (m @ t.view(c, 1)).transpose(1, 2) + (1 - contrast) * mean + bright * 4  # (B, 1, C)
+        offset = m @ t.view(c, 1) + (1 - contrast) * mean + bright * 4  # (B, C, 1)
     else:
-        m, offset = eye.expand(b, c, c), t.view(1, 1, c).expand(b, 1, c)
-    a = d.view(1, c, 1) * m  # (A^T)[k, j] = d_k M[j, k], M symmetric
-    pixels = out.reshape(b, c, h * w).transpose(1, 2)  # (B, h*w, C), a view
-    out = torch.baddbmm(offset.to(out.dtype), pixels, a.to(out.dtype))  # (B, h*w, C)
-    out = out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last strides
+        m, offset = eye.expand(b, c, c), t.view(1, c, 1).expand(b, c, 1)
+    a = m * d.view(1, 1, c)  # A = M D
+    out = torch.baddbmm(offset.to(out.dtype), a.to(out.dtype), out.reshape(b, c, h * w)).view(b, c, h, w)
     return out, out_masks
 
 
-def nearest_labels(masks, grid, ignore_index):
-    """Labels of (B, H, W) `masks` at the sampling `grid` (B, h, w, 2) (normalized, align_corners
-    False), nearest pixel, void outside the image: what grid_sample's nearest mode gives, read by
-    an integer gather from masks framed by one void pixel (no float copies of the labels)."""
+def nearest_labels(masks, theta, size, ignore_index):
+    """Labels of (B, H, W) `masks` at the sampling grid of `theta` (B, 2, 3) (normalized, as
+    F.affine_grid, align_corners False) of output `size` (h, w): the nearest pixel, void outside
+    the image; what grid_sample's nearest mode gives. Read by one integer gather from the masks
+    framed by one void pixel; without rotation each row index depends on the output row alone
+    and each column index on the output column, so only those vectors are computed."""
     b, big_h, big_w = masks.shape
+    h, w = size
+    xs = (torch.arange(w, device=masks.device, dtype=theta.dtype) * 2 + 1) / w - 1  # output pixel centres
+    ys = (torch.arange(h, device=masks.device, dtype=theta.dtype) * 2 + 1) / h - 1
+
+    def framed_index(t, n):
+        """Index into the framed axis of length n + 2 of g = t0 x + t1 y + t2: input pixel
+        ((g + 1) n - 1) / 2, nearest = floor((g + 1) n / 2); -1 and n land on the frame."""
+        g = t[:, 2].view(b, 1, 1)
+        if bool((t[:, 0] != 0).any()):
+            g = g + t[:, 0].view(b, 1, 1) * xs  # (B, 1, w)
+        if bool((t[:, 1] != 0).any()):
+            g = g + t[:, 1].view(b, 1, 1) * ys[:, None]  # (B, h, 1) or (B, h, w)
+        return g.add(1).mul_(n / 2).floor_().clamp_(-1, n).add_(1).long()
+
+    index = framed_index(theta[:, 1], big_h) * (big_w + 2) + framed_index(theta[:, 0], big_w)
     framed = F.pad(masks, (1, 1, 1, 1), value=ignore_index).view(b, -1)
-    # input pixel x = ((g + 1) W - 1) / 2, nearest = floor(x + 1/2); -1 and W land on the frame
-    ix = grid[..., 0].add(1).mul_(big_w / 2).floor_().clamp_(-1, big_w).add_(1)
-    iy = grid[..., 1].add(1).mul_(big_h / 2).floor_().clamp_(-1, big_h).add_(1)
-    index = iy.mul_(big_w + 2).add_(ix).view(b, -1).long()
-    return framed.gather(1, index).view(b, *grid.shape[1:3]).long()
+    return framed.gather(1, index.expand(b, h, w).reshape(b, -1)).view(b, h, w).long()
 
 
 # ---------------------------------------------------------------------------------------------

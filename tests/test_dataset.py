@@ -77,6 +77,27 @@ def test_load_split_resizes_and_keeps_label_resolution(tmp_path):
     assert set(split.masks.unique().tolist()) <= {0, 1, 2, 3}  # nearest: no blended labels
 
 
+@pytest.mark.parametrize("rotate", [0.0, 0.3])
+def test_label_gather_is_grid_samples_nearest(rotate):
+    """nearest_labels (an integer gather) against grid_sample's nearest mode on the same grid,
+    zoomed in and out, flipped and shifted, with and without rotation; void outside."""
+    g = torch.Generator().manual_seed(1)
+    masks = torch.randint(0, 12, (6, 30, 40), generator=g, dtype=torch.uint8)
+    theta = torch.zeros(6, 2, 3)
+    theta[:, 0, 0] = torch.tensor([0.5, 1.3, -0.8, 1.0, -1.2, 0.77])
+    theta[:, 1, 1] = torch.tensor([0.6, 1.3, 0.8, 1.0, 1.1, 0.91])
+    theta[:, :, 2] = torch.rand(6, 2, generator=g) * 0.6 - 0.3
+    theta[:, 0, 1], theta[:, 1, 0] = rotate, -rotate
+    grid = F.affine_grid(theta, (6, 1, 25, 35), align_corners=False)
+    ref = F.grid_sample(masks.float()[:, None] + 1, grid, mode="nearest", padding_mode="zeros",
+                        align_corners=False)[:, 0].long() - 1
+    ref[ref < 0] = 255
+    got = dataset.nearest_labels(masks, theta, (25, 35), 255)
+    assert got.dtype == torch.int64 and got.shape == ref.shape
+    assert (got != ref).float().mean() < 1e-3  # ties at exact pixel borders may round either way
+    assert (got == 255).any() and (got != 255).any()
+
+
 def test_augment_keeps_images_and_masks_aligned():
     # The image's red channel holds the label, so after any joint transform the two must agree.
     g = torch.Generator().manual_seed(0)
