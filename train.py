@@ -37,7 +37,7 @@ from cli import Parser, make_output_dir, refuse, write_csv, write_json
 from evaluate import evaluate, summarize
 from figures import plot_history
 from model import INJECTIONS, LATENT_FORMS, PRIORS, SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
-from runtime import autocast, pick_device, pick_precision, set_threads
+from runtime import autocast, keep_freed_memory, pick_device, pick_precision, set_threads
 
 DEFAULT_EPOCHS = 8
 
@@ -687,6 +687,7 @@ def main(args):
 
 def _main(args, rank, world, device, is_main, stop, t_start):
     threads_note = set_threads(args.threads)
+    keep_freed_memory()
     dtype = pick_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

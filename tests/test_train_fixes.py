@@ -249,3 +249,12 @@ def test_threads_leave_the_cores_other_processes_keep_busy(monkeypatch):
         assert runtime.set_threads(0) == "" and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_freed_memory_is_kept_for_the_next_step():
+    import platform
+
+    from runtime import keep_freed_memory
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory() is True  # every mallopt call accepted its value
