@@ -1430,10 +1430,9 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
 
     images: (B, 3, H, W) uint8 (normalized on the way, in the same pass as the jitter) or float
     (already normalized); masks: (B, H, W) integer (uint8 is cheapest). Returns normalized float
-    images and int64 masks. Pixels pulled in from outside the
-    image become void. `out_size` (h, w) returns random crops of that size (at zoom
-    1 a crop keeps the input's pixel scale); default: the input size. `generator` makes the
-    draw reproducible.
+    images and int64 masks. Pixels pulled in from outside the image become void. `out_size`
+    (h, w) returns random crops of that size (at zoom 1 a crop keeps the input's pixel scale);
+    default: the input size. `generator` makes the draw reproducible.
     """
     b = images.shape[0]
     dev = images.device
