@@ -473,9 +473,12 @@ def segmentation_loss(logits, target, kind, ignore_index, class_weights=None):
     "ce_dice": cross-entropy plus the soft Dice loss (Milletari et al. 2016), which weighs each
     class present in the batch alike however few its pixels (thin and rare classes)."""
     logits = logits.float()
-    if kind in ("ce", "ce_dice"):
-        ce = F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index)
-        return ce + soft_dice_loss(logits, target, ignore_index) if kind == "ce_dice" else ce
+    if kind == "ce":
+        return F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index)
+    if kind == "ce_dice":  # one log-softmax for both terms
+        log_probs = logits.log_softmax(dim=1)
+        ce = F.nll_loss(log_probs, target, weight=class_weights, ignore_index=ignore_index)
+        return ce + soft_dice_loss(log_probs, target, ignore_index, log_probs=True)
     if kind != "mse":
         raise ValueError(f"unknown loss {kind!r}")
     valid = target != ignore_index  # (B, H, W)
@@ -487,13 +490,14 @@ def segmentation_loss(logits, target, kind, ignore_index, class_weights=None):
     return (per_pixel * w).sum() / w.sum().clamp_min(1e-8)
 
 
-def soft_dice_loss(logits, target, ignore_index):
+def soft_dice_loss(logits, target, ignore_index, log_probs=False):
     """1 - the mean over the classes present in the batch's masks of the soft Dice score
-    2 sum(p y) / (sum(p) + sum(y)) over the batch's non-void pixels. logits (B, C, H, W) float;
-    target (B, H, W) int64. Reads the probabilities at the true class by a gather, no one-hot."""
+    2 sum(p y) / (sum(p) + sum(y)) over the batch's non-void pixels. logits (B, C, H, W) float
+    (log-probabilities already with `log_probs`); target (B, H, W) int64. Reads the
+    probabilities at the true class by a gather, no one-hot."""
     c = logits.shape[1]
     valid = target != ignore_index
-    probs = logits.softmax(dim=1)
+    probs = logits.exp() if log_probs else logits.softmax(dim=1)
     truth = target[valid]
     at_truth = probs.permute(0, 2, 3, 1)[valid].gather(1, truth[:, None])[:, 0]  # (n,)
     overlap = torch.zeros(c, device=logits.device).index_add_(0, truth, at_truth)
