@@ -569,26 +569,28 @@ class ModeMeter:
         self.pixels, self.modes, self.flip_on = (t.detach().cpu().double().clone() for t in tensors)
 
     @torch.no_grad()
-    def update(self, samples, base_label, d_ys, d_yy, valid=None):
+    def update(self, samples, base_label, d_ys, d_yy, valid=None, weights=None):
         """Add one image: samples (S, H, W) labels of the extended table; base_label (H, W) the
         unflipped label; d_ys (S, M) distances of each sample to each mode and d_yy (M, M)
         between the modes (from ``EnergyMeter.update``); valid (H, W) bool pixels to count
-        (None: all)."""
+        (None: all); weights (S,): what each sample counts for (None: 1 each; the oracle of
+        ``sampling.oracle_ged`` gives its 32 maps their probabilities)."""
         valid = torch.ones_like(base_label, dtype=torch.bool) if valid is None else valid
+        w = torch.ones(samples.shape[0], dtype=torch.float64) if weights is None else weights.cpu().double()
         for i, (src, tgt) in enumerate(self.flips):
             where = (base_label == src) & valid  # (H, W)
             on = samples[:, where]  # (S, pixels of the class)
-            self.pixels[i, 0] += (on == src).sum().item()
-            self.pixels[i, 1] += (on == tgt).sum().item()
+            self.pixels[i, 0] += float(w @ (on == src).sum(1).cpu().double())
+            self.pixels[i, 1] += float(w @ (on == tgt).sum(1).cpu().double())
         nearest = d_ys.cpu().double().argmin(1)  # (S,) the first of the nearest modes
         same = d_yy.cpu().double() == 0  # (M, M) modes that are one map on this image
         share = same[nearest] * self.probs  # (S, M): each sample spread over its mode's copies
-        share = share / share.sum(1, keepdim=True)  # rows sum to 1
+        share = share / share.sum(1, keepdim=True) * w[:, None]  # rows sum to each sample's weight
         self.modes += share.sum(0)
         flipped = share @ self.switches.double()  # (S, F) chance each sample's mode makes flip i
         for i, (src, _) in enumerate(self.flips):
             if bool(((base_label == src) & valid).any()):
-                self.flip_on[i] += torch.tensor([flipped[:, i].sum().item(), flipped.shape[0]])
+                self.flip_on[i] += torch.tensor([flipped[:, i].sum().item(), w.sum().item()])
 
     def compute(self):
         """{"pixel_share": [F], "image_share": [F], "true_share": [F], "mode_freq": [M],

@@ -13,7 +13,7 @@ are added).
 import torch
 
 from ambiguity import CAMVID_VOID, flippable_classes, mode_maps, mode_table
-from metrics import EnergyMeter, ModeMeter
+from metrics import EnergyMeter, ModeMeter, iou_distances
 
 SAMPLE_COUNTS = (1, 4, 8, 16)  # Kohl et al. 2018 report the energy distance for these
 SAMPLINGS = ("latent", "pixel")
@@ -58,19 +58,28 @@ class SampleScores:
             switches, self.mode_probs = mode_table(flips)
             self.energy = EnergyMeter(flippable_classes(flips), counts)
             self.modes = ModeMeter(switches, self.mode_probs, [(f.source, f.target) for f in flips])
+            self.oracle = torch.zeros(2, dtype=torch.float64)  # sum of per-image oracle GEDs, images
+            self.oracle_modes = ModeMeter(switches, self.mode_probs, [(f.source, f.target) for f in flips])
         else:
             self.energy = EnergyMeter(range(num_classes), counts)
             self.modes = None
 
-    def update(self, samples, label):
+    def update(self, samples, label, base_pred=None):
         """samples (S, H, W) label maps in the model's classes; label (H, W), or (K, H, W) for K
-        annotators, at the same size (base labels with flips)."""
+        annotators, at the same size (base labels with flips). With flips, base_pred (H, W): the
+        model's mean segmentation in the base classes, for the oracle GED (`oracle_ged`)."""
         label = label.to(samples.device).long()
         if self.flips:
             valid = label != self.base_void
             modes = mode_maps(label, self.flips, void_in=self.base_void, void_out=self.ignore_index)
             d = self.energy.update(samples, modes, self.mode_probs, valid)
             self.modes.update(samples, label, d["ys"], d["yy"], valid)
+            if base_pred is not None:
+                base_pred = base_pred.to(samples.device).long()
+                ged, guesses, d_gy = oracle_ged(base_pred, modes, d["yy"], valid, self.flips, self.mode_probs,
+                                                self.base_void, self.ignore_index)
+                self.oracle += torch.tensor([ged, 1.0], dtype=torch.float64)
+                self.oracle_modes.update(guesses, label, d_gy, d["yy"], valid, self.mode_probs)
             return
         annotations = label if label.dim() == 3 else label[None]  # (K, H, W)
         valid = (annotations != self.ignore_index).all(0)  # pixels every annotator labelled
@@ -86,4 +95,22 @@ class SampleScores:
         if self.modes is not None:
             out.update(self.modes.compute())
             out["flipped_classes"] = [f.name for f in self.flips]
+            if self.oracle[1] > 0:
+                out["oracle_ged"] = float(self.oracle[0] / self.oracle[1])
+                out["oracle_mode_tv"] = self.oracle_modes.compute()["mode_tv"]
         return out
+
+
+def oracle_ged(base_pred, modes, d_yy, valid, flips, mode_probs, base_void=CAMVID_VOID, void=255):
+    """The exact D2_GED (infinitely many samples) of an oracle that knows the flips but segments
+    as the model does: the 32 flips of the model's own base segmentation `base_pred` (H, W),
+    each with its true probability, against the 32 modes (M, H, W) of the label (d_yy, their
+    distances, and valid as in EnergyMeter.update). What is left of D2_GED once the flips are
+    sampled perfectly is the segmentation's error, so this is the floor the model's GED is read
+    against. Returns (GED, the oracle's 32 maps (M, H, W), their distances to the modes (M, M))."""
+    guesses = mode_maps(base_pred, flips, void_in=base_void, void_out=void)  # (M, H, W)
+    classes = flippable_classes(flips)
+    w = mode_probs.double().to(d_yy.device)
+    d_sy = iou_distances(guesses, modes, classes, valid).cpu()
+    d_ss = iou_distances(guesses, guesses, classes, valid).cpu()
+    return float(2 * w @ d_sy @ w - w @ d_ss @ w - w @ d_yy.double() @ w), guesses, d_sy

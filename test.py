@@ -333,6 +333,9 @@ def print_sample_scores(r, sampling, flips):
         for name, true, px, im in zip(r["flipped_classes"], r["true_share"], r["pixel_share"], r["image_share"]):
             print(f"{name:<16}{true:>7.3f}{px:>13.3f}{im:>13.3f}")
         print(f"mode total-variation distance (nearest mode per sample): {r['mode_tv']:.4f}")
+        if "oracle_ged" in r:
+            print(f"oracle (the true flips of the model's own mean segmentation, exact): D2_GED {r['oracle_ged']:.4f}, "
+                  f"mode TV {r['oracle_mode_tv']:.4f}")
 
 
 def run_split(args, ckpt, predictor, temperature):
@@ -357,10 +360,11 @@ def run_split(args, ckpt, predictor, temperature):
     examples, written = [], []
     for i, image, truth, logits in predictions(predictor, split, args.batch_size, "evaluating"):
         probs = predictor.probs(logits, truth.shape[-2:], temperature)  # (S, C, H, W), the model's classes
-        if sample_scores is not None:  # against every annotator's mask, (K, H, W), or the one
-            sample_scores.update(label_samples(probs, args.sampling, pixel_draws), truth)
-        truth = truth[0] if truth.dim() == 3 else truth  # the first annotator for the other scores
         maps = uncertainty_maps(base_probs(probs, table, flips)[:, None])
+        if sample_scores is not None:  # against every annotator's mask, (K, H, W), or the one
+            sample_scores.update(label_samples(probs, args.sampling, pixel_draws), truth,
+                                 maps["mean"][0].argmax(0) if flips else None)
+        truth = truth[0] if truth.dim() == 3 else truth  # the first annotator for the other scores
         split_scores.update(maps, truth)
         if args.save_predictions or i in picks:
             pred = maps["mean"][0].argmax(0).cpu().numpy().astype(np.uint8)

@@ -168,3 +168,19 @@ def test_a_sample_far_from_every_mode_counts_for_the_first():
     stats.update(samples, label, d["ys"], d["yy"])
     assert stats.compute()["mode_freq"] == pytest.approx([1, 0, 0, 0])
     assert stats.compute()["mode_tv"] == pytest.approx(1 - 3 / 8)
+
+
+def test_weighted_samples_count_as_repeated_ones():
+    """ModeMeter's weights (the oracle's 32 maps with their probabilities): a sample of weight 2
+    counts as that sample twice, in the pixel shares, image shares and mode frequencies."""
+    switches, probs = mode_table(FLIPS)
+    label = torch.tensor([[0, 1, 1], [2, 2, 5]])
+    modes = mode_maps(label, FLIPS, void_in=5)
+    energy = EnergyMeter([1, 2, 3, 4], (2,))
+    weighted, repeated = (ModeMeter(switches, probs, FLIP_PAIRS) for _ in range(2))
+    d = energy.update(modes[[0, 3, 3]], modes, probs)
+    repeated.update(modes[[0, 3, 3]], label, d["ys"], d["yy"])
+    weighted.update(modes[[0, 3]], label, d["ys"][:2], d["yy"], weights=torch.tensor([1.0, 2.0]))
+    a, b = weighted.compute(), repeated.compute()
+    for key in ("pixel_share", "image_share", "mode_freq", "mode_tv"):
+        assert a[key] == pytest.approx(b[key], abs=1e-12)

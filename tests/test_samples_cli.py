@@ -102,6 +102,36 @@ def test_sample_scores_of_the_true_modes_with_camvid_void():
     assert r["mode_tv"] < 0.15 and all(abs(a - b) < 0.08 for a, b in zip(r["image_share"], r["true_share"]))
 
 
+def test_oracle_ged_is_zero_for_a_perfect_segmentation_and_the_weighted_ged_otherwise():
+    """The oracle GED (the true flips of the model's own segmentation): 0 when that segmentation
+    is the label; for a wrong one, the probability-weighted GED of its 32 flips, computed here
+    from the distances pair by pair."""
+    label = torch.tensor([[3, 4, 5, 8], [9, 0, 11, 11]])
+    scores = SampleScores(16, 255, (1,), CAMVID_FLIPS)
+    modes = mode_maps(label)
+    scores.update(modes[:1], label, base_pred=label)
+    r = scores.compute()
+    assert r["oracle_ged"] == pytest.approx(0, abs=1e-12) and r["oracle_mode_tv"] == pytest.approx(0, abs=1e-12)
+    wrong = torch.tensor([[3, 3, 5, 8], [9, 0, 0, 4]])  # Pavement as Road; void pixels do not count
+    scores.update(modes[:1], label, base_pred=wrong)
+    probs = mode_table()[1].tolist()
+    guesses = mode_maps(wrong)
+    valid = label != 11
+    flippable = [3, 4, 5, 8, 9, 11, 12, 13, 14, 15]
+
+    def d(a, b):
+        ious = [((a == c) & (b == c) & valid).sum().item() / ((a == c) | (b == c))[valid].sum().item()
+                for c in flippable if ((a == c) | (b == c))[valid].any()]
+        return 1 - sum(ious) / len(ious)
+
+    m = len(probs)
+    pairs = [(i, j) for i in range(m) for j in range(m)]
+    ged = sum(probs[i] * probs[j] * (2 * d(guesses[i], modes[j]) - d(guesses[i], guesses[j]) - d(modes[i], modes[j]))
+              for i, j in pairs)
+    assert ged > 0.1
+    assert scores.compute()["oracle_ged"] == pytest.approx(ged / 2, abs=1e-9)  # the mean over the two images
+
+
 def test_old_checkpoint_config_builds():
     torch.manual_seed(0)
     model = SegVAE(VAEConfig(num_classes=3, widths=(8, 16), latent_channels=4))
@@ -153,6 +183,7 @@ def test_learned_prior_with_flips_end_to_end(camvid_like, tmp_path):
     s = m["samples_scores"]
     assert set(s["ged"]) == {"1", "4"} and len(s["mode_freq"]) == 32 and len(m["iou"]) == 11
     assert s["true_share"][0] == pytest.approx(8 / 17)
+    assert 0 <= s["oracle_ged"] <= 2 and 0 <= s["oracle_mode_tv"] <= 1 and "oracle (the true flips" in r.stdout
 
     r = run("test.py", "--test_image_path", camvid_like / "val" / "000.png", "--mask_path",
             camvid_like / "valannot" / "000.png", "--model_path", out / "best.pt", "--samples", 3,
