@@ -107,7 +107,8 @@ def oracle_ged(base_pred, modes, d_yy, valid, flips, mode_probs, base_void=CAMVI
     each with its true probability, against the 32 modes (M, H, W) of the label (d_yy, their
     distances, and valid as in EnergyMeter.update). What is left of D2_GED once the flips are
     sampled perfectly is the segmentation's error, the reference the model's GED is read against
-    (not a strict bound: where the segmentation is wrong, hedging samples can score lower). Returns (GED, the oracle's 32 maps (M, H, W), their distances to the modes (M, M))."""
+    (not a strict bound: where the segmentation is wrong, hedging samples can score lower).
+    Returns (GED, the oracle's 32 maps (M, H, W), their distances to the modes (M, M))."""
     guesses = mode_maps(base_pred, flips, void_in=base_void, void_out=void)  # (M, H, W)
     classes = flippable_classes(flips)
     w = mode_probs.double().to(d_yy.device)

@@ -201,7 +201,10 @@ def test_ctrl_c_during_evaluation_is_one_line(trained_tiny, tmp_path):
             "--samples", 64, "--flip"]
     p = subprocess.Popen([sys.executable, str(REPO / "test.py"), *map(str, args)],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                         # a suite started in the background inherits SIGINT ignored, and Python
+                         # then keeps ignoring it: give the child the terminal's default
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     p.stdout.readline()  # the configuration line: the model is loaded, the pass begins
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
