@@ -57,9 +57,10 @@ class SampleScores:
         if flips:
             switches, self.mode_probs = mode_table(flips)
             self.energy = EnergyMeter(flippable_classes(flips), counts)
-            self.modes = ModeMeter(switches, self.mode_probs, [(f.source, f.target) for f in flips])
+            pairs = [(f.source, f.target) for f in flips]
+            self.modes = ModeMeter(switches, self.mode_probs, pairs)
             self.oracle = torch.zeros(2, dtype=torch.float64)  # sum of per-image oracle GEDs, images
-            self.oracle_modes = ModeMeter(switches, self.mode_probs, [(f.source, f.target) for f in flips])
+            self.oracle_modes = ModeMeter(switches, self.mode_probs, pairs)
         else:
             self.energy = EnergyMeter(range(num_classes), counts)
             self.modes = None
