@@ -525,6 +525,16 @@ class EnergyMeter:
         return out
 
 
+def mode_assignment(d_ys, d_yy, probs):
+    """Which mode each sample counts for, (S, M) float64 rows summing to 1: its nearest mode by
+    d_ys (S, M) (ties to the first), spread over the modes that are the same map on this image
+    (d_yy (M, M) = 0) in proportion to their probabilities (M,); see ModeMeter."""
+    nearest = d_ys.cpu().double().argmin(1)  # (S,)
+    same = d_yy.cpu().double() == 0  # (M, M)
+    share = same[nearest] * probs.cpu().double()
+    return share / share.sum(1, keepdim=True)
+
+
 class ModeMeter:
     """Streaming statistics of the flip benchmark (ambiguity.py) over a split.
 
@@ -582,10 +592,7 @@ class ModeMeter:
             on = samples[:, where]  # (S, pixels of the class)
             self.pixels[i, 0] += float(w @ (on == src).sum(1).cpu().double())
             self.pixels[i, 1] += float(w @ (on == tgt).sum(1).cpu().double())
-        nearest = d_ys.cpu().double().argmin(1)  # (S,) the first of the nearest modes
-        same = d_yy.cpu().double() == 0  # (M, M) modes that are one map on this image
-        share = same[nearest] * self.probs  # (S, M): each sample spread over its mode's copies
-        share = share / share.sum(1, keepdim=True) * w[:, None]  # rows sum to each sample's weight
+        share = mode_assignment(d_ys, d_yy, self.probs) * w[:, None]  # rows sum to each sample's weight
         self.modes += share.sum(0)
         flipped = share @ self.switches.double()  # (S, F) chance each sample's mode makes flip i
         for i, (src, _) in enumerate(self.flips):

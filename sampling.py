@@ -13,10 +13,11 @@ are added).
 import torch
 
 from ambiguity import CAMVID_VOID, flippable_classes, mode_maps, mode_table
-from metrics import EnergyMeter, ModeMeter, iou_distances
+from metrics import EnergyMeter, ModeMeter, iou_distances, mode_assignment
 
 SAMPLE_COUNTS = (1, 4, 8, 16)  # Kohl et al. 2018 report the energy distance for these
 SAMPLINGS = ("latent", "pixel")
+FLOOR_DRAWS = 20  # simulated exact samplers behind the mode-TV noise floor
 
 
 def sample_counts(samples):
@@ -61,6 +62,10 @@ class SampleScores:
             self.modes = ModeMeter(switches, self.mode_probs, pairs)
             self.oracle = torch.zeros(2, dtype=torch.float64)  # sum of per-image oracle GEDs, images
             self.oracle_modes = ModeMeter(switches, self.mode_probs, pairs)
+            # FLOOR_DRAWS exact samplers of the modes, as many samples an image as the model: the
+            # mode TV that sampling noise alone gives (a sampler with the true frequencies scores it)
+            self.floor_modes = torch.zeros(FLOOR_DRAWS, len(self.mode_probs), dtype=torch.float64)
+            self.floor_rng = torch.Generator().manual_seed(0)
         else:
             self.energy = EnergyMeter(range(num_classes), counts)
             self.modes = None
@@ -75,6 +80,10 @@ class SampleScores:
             modes = mode_maps(label, self.flips, void_in=self.base_void, void_out=self.ignore_index)
             d = self.energy.update(samples, modes, self.mode_probs, valid)
             self.modes.update(samples, label, d["ys"], d["yy"], valid)
+            drawn = torch.multinomial(self.mode_probs.double(), FLOOR_DRAWS * samples.shape[0], replacement=True,
+                                      generator=self.floor_rng).view(FLOOR_DRAWS, -1)
+            counts = torch.zeros_like(self.floor_modes).scatter_add_(1, drawn, torch.ones_like(drawn).double())
+            self.floor_modes += counts @ mode_assignment(d["yy"], d["yy"], self.mode_probs)
             if base_pred is not None:
                 base_pred = base_pred.to(samples.device).long()
                 ged, guesses, d_gy = oracle_ged(base_pred, modes, d["yy"], valid, self.flips, self.mode_probs,
@@ -96,6 +105,9 @@ class SampleScores:
         if self.modes is not None:
             out.update(self.modes.compute())
             out["flipped_classes"] = [f.name for f in self.flips]
+            if self.energy.images:
+                freq = self.floor_modes / self.floor_modes.sum(1, keepdim=True)
+                out["mode_tv_floor"] = float((0.5 * (freq - self.mode_probs.double()).abs().sum(1)).mean())
             if self.oracle[1] > 0:
                 out["oracle_ged"] = float(self.oracle[0] / self.oracle[1])
                 out["oracle_mode_tv"] = self.oracle_modes.compute()["mode_tv"]

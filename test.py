@@ -332,7 +332,8 @@ def print_sample_scores(r, sampling, flips):
         print(f"{'flipped class':<16}{'true':>7}{'pixel share':>13}{'image share':>13}")
         for name, true, px, im in zip(r["flipped_classes"], r["true_share"], r["pixel_share"], r["image_share"]):
             print(f"{name:<16}{true:>7.3f}{px:>13.3f}{im:>13.3f}")
-        print(f"mode total-variation distance (nearest mode per sample): {r['mode_tv']:.4f}")
+        print(f"mode total-variation distance (nearest mode per sample): {r['mode_tv']:.4f} (sampling noise alone, "
+              f"an exact sampler with as many samples: {r['mode_tv_floor']:.4f})")
         if "oracle_ged" in r:
             print(f"oracle (the true flips of the model's own mean segmentation, exact): D2_GED {r['oracle_ged']:.4f}, "
                   f"mode TV {r['oracle_mode_tv']:.4f}")

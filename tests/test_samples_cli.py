@@ -102,6 +102,31 @@ def test_sample_scores_of_the_true_modes_with_camvid_void():
     assert r["mode_tv"] < 0.15 and all(abs(a - b) < 0.08 for a, b in zip(r["image_share"], r["true_share"]))
 
 
+def test_mode_tv_floor_is_the_sampling_noise_of_an_exact_sampler():
+    """The mode-TV floor: what a sampler with the true frequencies scores with the model's number
+    of samples per image, here against the expected TV of as many multinomial draws; it halves
+    with four times the samples, and an exact sampler's own mode TV sits at it."""
+    label = torch.tensor([[3, 4, 5, 8], [9, 0, 11, 11]])  # every flippable class: 32 distinct modes
+    probs = mode_table()[1].double()
+    g = torch.Generator().manual_seed(1)
+
+    def expected_tv(n):  # the mean TV of 4000 multinomial draws of n samples
+        counts = torch.distributions.Multinomial(n, probs).sample((4000,))
+        return float((0.5 * (counts / n - probs).abs().sum(1)).mean())
+
+    floors = {}
+    for per_image in (4, 16):
+        scores = SampleScores(16, 255, (1,), CAMVID_FLIPS)
+        modes = mode_maps(label)
+        for _ in range(30):
+            scores.update(modes[torch.multinomial(probs, per_image, replacement=True, generator=g)], label)
+        r = scores.compute()
+        floors[per_image] = r["mode_tv_floor"]
+        assert r["mode_tv_floor"] == pytest.approx(expected_tv(30 * per_image), abs=0.015)
+        assert abs(r["mode_tv"] - r["mode_tv_floor"]) < 0.08  # one draw of the same noise
+    assert floors[16] == pytest.approx(floors[4] / 2, rel=0.2)
+
+
 def test_oracle_ged_is_zero_for_a_perfect_segmentation_and_the_weighted_ged_otherwise():
     """The oracle GED (the true flips of the model's own segmentation): 0 when that segmentation
     is the label; for a wrong one, the probability-weighted GED of its 32 flips, computed here
