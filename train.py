@@ -34,7 +34,7 @@ from ambiguity import VOID as FLIP_VOID
 from dataset import DataError
 from checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from cli import Parser, make_output_dir, refuse, write_csv, write_json
-from evaluate import evaluate, summarize
+from evaluate import diversity_stride, evaluate, summarize
 from figures import plot_history
 from model import INJECTIONS, LATENT_FORMS, PRIORS, SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
 from runtime import autocast, keep_freed_memory, pick_device, pick_precision, set_threads
@@ -129,8 +129,8 @@ def get_args(argv=None):
     o.add_argument("--free_bits", type=float, default=0.0, help="KL floor in nats per latent element")
     o.add_argument("--val_samples", type=int,
                    help="latent samples per validation image for the sample diversity (mean 1 - IoU between two "
-                   "samples; near 0: collapse) (default: 4 with the learned prior, whose samples rerun only the "
-                   "head, else 0: off)")
+                   "samples; near 0: collapse), drawn for up to 26 images spread over the split (default: 4 with "
+                   "the learned prior, whose samples rerun only the head, else 0: off)")
     o.add_argument("--grad_clip", type=float, default=5.0, help="clip the gradient norm (0: off)")
     o.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights with this decay per "
@@ -270,13 +270,18 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
             times.append(time.perf_counter() - t0)
     step_s = sorted(times)[len(times) // 2]
     val_s = 0.0
-    if val is not None:
+    if val is not None:  # a batch without, then with the diversity samples (drawn for a few images)
         n = min(len(val), args.eval_batch_size)
-        t0 = time.perf_counter()
-        evaluate(raw_model, val, num_classes=ctx["table"].num_classes, ignore_index=ctx["table"].ignore_index,
-                 device=ctx["device"], dtype=ctx["dtype"], batch_size=args.eval_batch_size, indices=range(n),
-                 flips=ctx.get("flips"), diversity_samples=args.val_samples, seed=args.seed)
-        val_s = (time.perf_counter() - t0) * math.ceil(len(val) / ctx["world"]) / n
+        per_image = []
+        for samples in (0, args.val_samples) if args.val_samples else (0,):
+            t0 = time.perf_counter()
+            evaluate(raw_model, val, num_classes=ctx["table"].num_classes, ignore_index=ctx["table"].ignore_index,
+                     device=ctx["device"], dtype=ctx["dtype"], batch_size=args.eval_batch_size, indices=range(n),
+                     flips=ctx.get("flips"), diversity_samples=samples, seed=args.seed, diversity_images=0)
+            per_image.append((time.perf_counter() - t0) / n)
+        sampled = math.ceil(len(val) / diversity_stride(len(val)))
+        val_s = (per_image[0] * math.ceil(len(val) / ctx["world"])
+                 + max(0.0, per_image[-1] - per_image[0]) * math.ceil(sampled / ctx["world"]))
     t0 = time.perf_counter()
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": ctx["optimizer"].state_dict()},
                     out / ".budget_probe.tmp")

@@ -15,7 +15,7 @@ from ambiguity import (CAMVID_FLIPS, check_base_table, check_labels, merge_flipp
 from checkpoint import build_model
 from conftest import CAMVID, CLASSES_CSV, TINY_MODEL, assert_refused, metrics_rows, run
 from dataset import Split, load_mask, make_class_table, normalize
-from evaluate import evaluate, summarize
+from evaluate import diversity_stride, evaluate, summarize
 from model import SegVAE, VAEConfig, kl_loss
 from sampling import SampleScores, label_samples, sample_counts
 
@@ -53,6 +53,20 @@ def test_validation_sums_kl_and_diversity(prior):
     m = summarize(evaluate(det, split, num_classes=11, ignore_index=11, device=CPU, dtype=None,
                            diversity_samples=3))
     assert math.isnan(m["diversity"])  # a deterministic model is not sampled
+
+
+def test_diversity_is_sampled_on_images_spread_over_the_split():
+    torch.manual_seed(0)
+    model = SegVAE(VAEConfig(num_classes=11, widths=(8, 16), latent_channels=4, prior="learned")).eval()
+    split = tiny_split(n=10)
+    run = dict(num_classes=11, ignore_index=11, device=CPU, dtype=None, diversity_samples=3, batch_size=4)
+    assert diversity_stride(10, 3) == 4 and diversity_stride(10, 0) == 1 and diversity_stride(3, 26) == 1
+    some = evaluate(model, split, diversity_images=3, **run)
+    assert some["diversity_n"] == 3 and some["images"] == 10  # images 0, 4, 8; every image scored
+    # two shards of the split sample the same images between them
+    halves = [evaluate(model, split, diversity_images=3, indices=part, **run) for part in (range(0, 5), range(5, 10))]
+    assert [h["diversity_n"] for h in halves] == [2, 1]
+    assert evaluate(model, split, diversity_images=0, **run)["diversity_n"] == 10
 
 
 def test_flip_model_is_scored_on_the_base_classes():
