@@ -34,7 +34,7 @@ from ambiguity import VOID as FLIP_VOID
 from dataset import DataError
 from checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from cli import Parser, make_output_dir, refuse, write_csv, write_json
-from evaluate import diversity_stride, evaluate, summarize
+from evaluate import DIVERSITY_IMAGES, diversity_stride, evaluate, summarize
 from figures import plot_history
 from model import INJECTIONS, LATENT_FORMS, PRIORS, SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
 from runtime import autocast, keep_freed_memory, pick_device, pick_precision, set_threads
@@ -129,8 +129,8 @@ def get_args(argv=None):
     o.add_argument("--free_bits", type=float, default=0.0, help="KL floor in nats per latent element")
     o.add_argument("--val_samples", type=int,
                    help="latent samples per validation image for the sample diversity (mean 1 - IoU between two "
-                   "samples; near 0: collapse), drawn for up to 26 images spread over the split (default: 4 with "
-                   "the learned prior, whose samples rerun only the head, else 0: off)")
+                   f"samples; near 0: collapse), drawn for up to {DIVERSITY_IMAGES} images spread over the split "
+                   "(default: 4 with the learned prior, whose samples rerun only the head, else 0: off)")
     o.add_argument("--grad_clip", type=float, default=5.0, help="clip the gradient norm (0: off)")
     o.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights with this decay per "
