@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
-from ambiguity import VOID, flip_labels, merge_flipped
+from ambiguity import VOID, flip_labels, flippable_classes, merge_flipped, mode_maps, mode_table
 from dataset import normalize, resize_image
-from metrics import UncertaintyMeter, confusion_matrix, iou_distances, scores
+from metrics import EnergyMeter, UncertaintyMeter, confusion_matrix, iou_distances, scores
 from model import active_channels, kl_loss, kl_per_dim, latent_channel_kl, segmentation_loss
 from runtime import autocast
 
@@ -49,8 +49,11 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
     the base classes: the loss and mIoU score the model with each class merged with its second
     version, and the posterior sees each mask flipped at random (seeded, the same every call).
     `diversity_samples` > 1 adds the mean 1 - IoU between that many latent samples of each image
-    (at the training size, the model's own classes): 0 means every sample is the same. It is
-    measured on every image whose index in the split is a multiple of
+    (at the training size, the model's own classes): 0 means every sample is the same. With
+    them comes the D2_GED of the samples (metrics.EnergyMeter): against the 32 modes of the
+    flip benchmark with their probabilities, or against every annotator's mask of a
+    multi-annotator split (the other scores take the first annotator). Both are measured on
+    every image whose index in the split is a multiple of
     `diversity_stride(len(split), diversity_images)`, whichever shard holds it (0: all images)."""
 
     model.eval()
@@ -69,8 +72,15 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
         "mu_n": torch.zeros(z, dtype=torch.float64, device=device),
         "diversity": torch.zeros((), dtype=torch.float64, device=device),
         "diversity_n": torch.zeros((), dtype=torch.float64, device=device),
+        "ged": torch.zeros((), dtype=torch.float64, device=device),
+        "ged_n": torch.zeros((), dtype=torch.float64, device=device),
     }
     stride = diversity_stride(len(split), diversity_images)
+    annotated, split = split, split.annotation(0)
+    sampled = diversity_samples > 1 and config.stochastic
+    if sampled:
+        energy = EnergyMeter(flippable_classes(flips) if flips else range(num_classes), (diversity_samples,))
+        mode_probs = mode_table(flips)[1] if flips else None
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     for idx in progress(chunks, desc="val", leave=False) if progress else chunks:
         images = split.images[idx].to(device, non_blocking=True)
@@ -97,7 +107,7 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
         sums["mu_sq"] += squares
         sums["mu_n"] += count
         picked = [j for j, i in enumerate(idx) if i % stride == 0]
-        if diversity_samples > 1 and config.stochastic and picked:
+        if sampled and picked:
             gen = torch.Generator(device=device).manual_seed(seed + idx[0])
             with torch.no_grad(), autocast(device, dtype):
                 drawn = model.sample(x[picked], diversity_samples, generator=gen).argmax(2)  # (S, b, h, w)
@@ -107,10 +117,19 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
                 d = iou_distances(drawn[:, r], drawn[:, r], classes, target[j] != ignore_index)
                 sums["diversity"] += d.sum() / (k * (k - 1))  # mean over pairs of distinct samples
                 sums["diversity_n"] += 1
+                if flips:  # the label's 32 modes, each with its probability
+                    truth = mode_maps(target[j], flips, void_in=ignore_index, void_out=VOID)
+                else:  # (K, H, W): every annotator's mask
+                    truth = annotated.masks[idx[j]].to(device).long().view(-1, *target.shape[-2:])
+                valid = (truth != (VOID if flips else ignore_index)).all(0)  # pixels every map labels
+                energy.update(drawn[:, r], truth, mode_probs, valid)
         for j, i in enumerate(idx):
             label = split.label_masks[i].to(device)
             up = F.interpolate(logits[j:j + 1], size=label.shape, mode="bilinear", align_corners=False)
             sums["cm"] += confusion_matrix(up.argmax(1)[0], label, num_classes, ignore_index)
+    if sampled:
+        sums["ged"] += float(energy.sums[0, 0])
+        sums["ged_n"] += float(energy.images)
     return sums
 
 
@@ -135,17 +154,19 @@ def summarize(sums):
     """Metrics from `evaluate` sums: loss, kl (nats per pixel), kl_image (nats per image),
     kl_channels (list, per latent channel), kl_active (channels with at least 0.01 nats of
     KL(q || p): a channel below carries nothing), active_latent (channels whose mean varies
-    across inputs, Burda et al. 2016), diversity (NaN when not measured), miou, iou (list),
+    across inputs, Burda et al. 2016), diversity and ged (the samples' D2_GED; NaN when not
+    measured), miou, iou (list),
     pixel_acc, class_acc."""
     n = sums["images"].clamp_min(1)
     mean = sums["mu_sum"] / sums["mu_n"].clamp_min(1)
     var = sums["mu_sq"] / sums["mu_n"].clamp_min(1) - mean.pow(2)
     per_channel = sums["kl_channels"] / n
-    dn = float(sums["diversity_n"])
+    dn, gn = float(sums["diversity_n"]), float(sums["ged_n"])
     out = {"loss": float(sums["loss"] / n), "kl": float(sums["kl"] / n), "kl_image": float(sums["kl_image"] / n),
            "kl_channels": per_channel.tolist(), "kl_active": int((per_channel >= 0.01).sum()),
            "active_latent": active_channels(var),
-           "diversity": float(sums["diversity"]) / dn if dn else math.nan}
+           "diversity": float(sums["diversity"]) / dn if dn else math.nan,
+           "ged": float(sums["ged"]) / gn if gn else math.nan}
     out.update(scores(sums["cm"].cpu()))
     return out
 

@@ -131,6 +131,10 @@ def get_args(argv=None):
                    help="latent samples per validation image for the sample diversity (mean 1 - IoU between two "
                    f"samples; near 0: collapse), drawn for up to {DIVERSITY_IMAGES} images spread over the split "
                    "(default: 4 with the learned prior, whose samples rerun only the head, else 0: off)")
+    o.add_argument("--select", default="miou", choices=["miou", "ged"],
+                   help="what best.pt keeps: the epoch with the highest validation mIoU, or the lowest D2_GED of "
+                   "its --val_samples samples (against every annotator, or the flip benchmark's modes): for "
+                   "data whose labels are ambiguous")
     o.add_argument("--grad_clip", type=float, default=5.0, help="clip the gradient norm (0: off)")
     o.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights with this decay per "
@@ -183,6 +187,9 @@ def check_args(args):
         args.val_samples = 4 if args.prior == "learned" else 0
     if args.val_samples < 0 or args.val_samples == 1:
         raise DataError(f"--val_samples {args.val_samples} must be 0 (off) or at least 2")
+    if args.select == "ged" and (args.val_samples < 2 or not args.stochastic):
+        raise DataError(f"--select ged compares latent samples with the labels; it needs a stochastic model and "
+                        f"--val_samples of at least 2 (now {args.val_samples}), e.g. --val_samples 16")
     if args.latent_dim < 1 or (args.head_convs is not None and args.head_convs < 0):
         raise DataError(f"--latent_dim {args.latent_dim} must be at least 1 and --head_convs {args.head_convs} "
                         "not negative")
@@ -406,9 +413,8 @@ def load_data(args, is_main):
                   f"{', '.join(absent)}; a wrong class table or label mapping looks like this (check --classes, "
                   "--num_classes, --ignore_index)", file=sys.stderr)
         if val is not None and val.annotators > 1:
-            print(f"note: {args.val_path} has {val.annotators} annotations per image; validation scores the first")
-    if val is not None and val.annotators > 1:
-        val = val.annotation(0)
+            print(f"note: {args.val_path} has {val.annotators} annotations per image; validation scores the first "
+                  "(the samples' D2_GED compares them with all)")
     return train, val, table, size
 
 
@@ -622,7 +628,7 @@ def run_config(args):
 
 def write_metrics_csv(path, history, class_names):
     keys = ["epoch", "step", "train_loss", "train_kl", "val_loss", "val_kl", "val_kl_image", "kl_active",
-            "val_diversity", "val_miou", "val_pixel_acc", "val_class_acc", "active_latent", "lr", "seconds"]
+            "val_diversity", "val_ged", "val_miou", "val_pixel_acc", "val_class_acc", "active_latent", "lr", "seconds"]
     write_csv(path, keys + [f"iou_{n}" for n in class_names],
               [[_fmt(row.get(k)) for k in keys] + [_fmt(v) for v in row.get("val_iou", [])] for row in history])
 
@@ -863,10 +869,11 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
             row.update({"val_loss": m["loss"], "val_kl": m["kl"], "val_kl_image": m["kl_image"],
                         "kl_active": m["kl_active"], "val_kl_channels": m["kl_channels"],
                         "val_diversity": None if math.isnan(m["diversity"]) else m["diversity"],
+                        "val_ged": None if math.isnan(m["ged"]) else m["ged"],
                         "val_miou": m["miou"], "val_pixel_acc": m["pixel_acc"], "val_class_acc": m["class_acc"],
                         "active_latent": m["active_latent"], "val_iou": m["iou"]})
         row["seconds"] = time.time() - t0
-        score = row.get("val_miou", -row["train_loss"])  # without validation: the lowest training loss
+        score = best_score(row, args.select)
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
         state["partial"] = new_partial(device)
@@ -906,7 +913,17 @@ def epoch_line(row, epochs):
               f"KL(q||p) {row['val_kl_image']:.2f} nats/image")
         if row.get("val_diversity") is not None:
             s += f"  diversity {row['val_diversity']:.3f}"
+        if row.get("val_ged") is not None:
+            s += f"  D2_GED {row['val_ged']:.3f}"
     return s + f"  ({row['seconds']:.0f}s)"
+
+
+def best_score(row, select):
+    """What best.pt maximizes: the validation mIoU, or minus its samples' D2_GED (--select ged);
+    without validation, minus the training loss."""
+    if "val_miou" not in row:
+        return -row["train_loss"]
+    return -row["val_ged"] if select == "ged" else row["val_miou"]
 
 
 def collapse_warning(row, config, warmed_up):
@@ -947,7 +964,7 @@ def load_resume(path, config, args, world, device):
     if not same:
         raise DataError(f"checkpoint {path} was trained with model {ckpt['model_config']}, but these "
                         f"arguments build {config.to_dict()}; use the same model and data flags to resume")
-    then, now = ckpt["run_config"], run_config(args)
+    then, now = {"select": "miou", **ckpt["run_config"]}, run_config(args)  # older runs chose by mIoU
     changed = [k for k in sorted(set(then) & set(now)) if k not in RESUME_FREE and then[k] != now[k]]
     if changed:
         diff = ", ".join(f"--{k} {_flag(then[k])} (now {_flag(now[k])})" for k in changed)
