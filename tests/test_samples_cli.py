@@ -14,7 +14,7 @@ from ambiguity import (CAMVID_FLIPS, check_base_table, check_labels, merge_flipp
                        mode_table)
 from checkpoint import build_model
 from conftest import CAMVID, CLASSES_CSV, TINY_MODEL, assert_refused, metrics_rows, run
-from dataset import Split, load_mask, make_class_table, normalize
+from dataset import LabelMasks, Split, load_mask, make_class_table, normalize
 from evaluate import diversity_stride, evaluate, summarize
 from model import SegVAE, VAEConfig, kl_loss
 from sampling import SampleScores, label_samples, sample_counts
@@ -67,6 +67,62 @@ def test_diversity_is_sampled_on_images_spread_over_the_split():
     halves = [evaluate(model, split, diversity_images=3, indices=part, **run) for part in (range(0, 5), range(5, 10))]
     assert [h["diversity_n"] for h in halves] == [2, 1]
     assert evaluate(model, split, diversity_images=0, **run)["diversity_n"] == 10
+
+
+def sampling_as(model, maps):
+    """Make model.sample draw the label maps `maps` (n, H, W), the same for every image, as
+    one-hot logits: a model whose samples are known."""
+    def sample(x, n, generator=None):
+        assert n == len(maps)
+        onehot = torch.nn.functional.one_hot(maps.long(), model.config.num_classes).movedim(-1, 1).float()
+        return onehot[:, None].expand(n, x.shape[0], *onehot.shape[1:])
+    model.sample = sample
+    return model
+
+
+def test_validation_ged_on_the_flip_benchmark_by_hand():
+    """Every image: Car on the left, Sky on the right, a void corner. Only the Car flip shows,
+    so the modes are the label (1 - p) and its Car-2 version (p = 6/17), 1 - IoU = 1 apart (the
+    ten flippable classes: Car in one, Car-2 in the other). Samples that always draw the label:
+    E[d(S, Y)] = p, E[d(S, S')] = 0, E[d(Y, Y')] = 2p(1 - p), so D2_GED = 2p^2."""
+    masks = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    masks[:, :, :16] = 8
+    masks[:, :4, :4] = 11
+    images = torch.full((3, 3, 32, 32), 100, dtype=torch.uint8)
+    split = Split(images=images, masks=masks, label_masks=list(masks), names=["0", "1", "2"])
+    torch.manual_seed(0)
+    model = SegVAE(VAEConfig(num_classes=16, widths=(8, 16), prior="learned")).eval()
+    run = dict(num_classes=11, ignore_index=11, device=CPU, dtype=None, flips=CAMVID_FLIPS, diversity_images=0)
+    label = masks[0].long().masked_fill(masks[0] == 11, 0)  # what the samples draw under void does not count
+    m = summarize(evaluate(sampling_as(model, torch.stack([label, label])), split, diversity_samples=2, **run))
+    p = 6 / 17
+    assert m["ged"] == pytest.approx(2 * p * p, abs=1e-9) and m["diversity"] == 0
+    flipped = label.masked_fill(label == 8, 13)  # Car-2: one sample of each mode
+    m = summarize(evaluate(sampling_as(model, torch.stack([label, flipped])), split, diversity_samples=2, **run))
+    assert m["ged"] == pytest.approx(2 * 0.5 - 0.5 - 2 * p * (1 - p), abs=1e-9)
+    assert math.isnan(summarize(evaluate(model, split, diversity_samples=0, **run))["ged"])  # not sampled
+
+
+def test_validation_ged_compares_samples_with_every_annotator():
+    """Two annotators, a (top half class 1) and b (all class 0). Samples drawing a and b match the
+    annotations (D2_GED 0); samples drawing a only are a deterministic model, D2_GED > 0, while
+    mIoU and the loss score the first annotator alone."""
+    a = torch.zeros(32, 32, dtype=torch.uint8)
+    a[:16] = 1
+    b = torch.zeros(32, 32, dtype=torch.uint8)
+    both = torch.stack([a, b])  # (K, H, W)
+    flat = np.concatenate([both.numpy().ravel()] * 2)
+    split = Split(images=torch.full((2, 3, 32, 32), 100, dtype=torch.uint8), masks=torch.stack([both, both]),
+                  label_masks=LabelMasks(flat, np.array([0, 2048, 4096]), [(32, 32)] * 2, 2), names=["0", "1"])
+    torch.manual_seed(0)
+    model = SegVAE(VAEConfig(num_classes=2, widths=(8, 16), prior="learned")).eval()
+    run = dict(num_classes=2, ignore_index=255, device=CPU, dtype=None, diversity_samples=2, diversity_images=0)
+    m = summarize(evaluate(sampling_as(model, torch.stack([a, b])), split, **run))
+    assert m["ged"] == pytest.approx(0, abs=1e-12)
+    # d(a, b) = 1 - (0.5 + 0) / 2 = 0.75: E[d(S, Y)] = 0.375, E[d(S, S')] = 0, E[d(Y, Y')] = 0.375
+    sums = evaluate(sampling_as(model, torch.stack([a, a])), split, **run)
+    assert summarize(sums)["ged"] == pytest.approx(2 * 0.375 - 0.375, abs=1e-12)
+    assert sums["cm"].sum(1).tolist() == [1024, 1024]  # true classes of annotator a (b: [2048, 0])
 
 
 def test_flip_model_is_scored_on_the_base_classes():
@@ -202,14 +258,16 @@ def camvid_like(tmp_path_factory):
 
 def test_learned_prior_with_flips_end_to_end(camvid_like, tmp_path):
     out = tmp_path / "run"
-    r = run("train.py", "--train_path", camvid_like / "train", "--val_path", camvid_like / "val", "--epochs", 2,
-            "--output_dir", out, "--prior", "learned", "--label_flips", 1, *TINY_MODEL)
+    r = run("train.py", "--train_path", camvid_like / "train", "--val_path", camvid_like / "val", "--epochs", 3,
+            "--output_dir", out, "--prior", "learned", "--label_flips", 1, "--select", "ged", *TINY_MODEL)
     assert r.returncode == 0, r.stderr
-    assert "label flips: Pavement -> Pavement-2 (8/17)" in r.stdout
+    assert "label flips: Pavement -> Pavement-2 (8/17)" in r.stdout and "D2_GED" in r.stdout
     rows = metrics_rows(out)
-    assert {"val_kl_image", "kl_active", "val_diversity", "iou_Bicyclist"} <= set(rows[0])
+    assert {"val_kl_image", "kl_active", "val_diversity", "val_ged", "iou_Bicyclist"} <= set(rows[0])
     assert "iou_Pavement-2" not in rows[0]  # validation scores the base classes
     ckpt = torch.load(out / "best.pt", weights_only=True)
+    geds = [float(row["val_ged"]) for row in rows]
+    assert ckpt["epoch"] == 1 + geds.index(min(geds))  # --select ged: best.pt is the lowest D2_GED
     assert len(ckpt["classes"]) == 16 and ckpt["ignore_index"] == 255 and len(ckpt["label_flips"]) == 5
     assert ckpt["model_config"]["prior"] == "learned" and ckpt["base_ignore_index"] == 11
 
@@ -259,6 +317,9 @@ def test_refusals(camvid_like, tmp_path, tiny_data):
     r = run("train.py", "--train_path", camvid_like / "train", "--prior", "learned", "--stochastic", 0,
             "--output_dir", tmp_path / "d", *TINY_MODEL)
     assert_refused(r, "--prior learned with --stochastic 0", "--prior standard --stochastic 0")
+    r = run("train.py", "--train_path", camvid_like / "train", "--select", "ged", "--output_dir", tmp_path / "e",
+            *TINY_MODEL)
+    assert_refused(r, "--select ged", "--val_samples")
 
 
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid not under ../shared/data/camvid")
