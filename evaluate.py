@@ -127,9 +127,9 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
             label = split.label_masks[i].to(device)
             up = F.interpolate(logits[j:j + 1], size=label.shape, mode="bilinear", align_corners=False)
             sums["cm"] += confusion_matrix(up.argmax(1)[0], label, num_classes, ignore_index)
-    if sampled:
-        sums["ged"] += float(energy.sums[0, 0])
-        sums["ged_n"] += float(energy.images)
+    if sampled and int(energy.images):  # a sum over images, to add across ranks
+        sums["ged"] += energy.compute()[diversity_samples]["ged"] * int(energy.images)
+        sums["ged_n"] += int(energy.images)
     return sums
 
 
@@ -155,8 +155,7 @@ def summarize(sums):
     kl_channels (list, per latent channel), kl_active (channels with at least 0.01 nats of
     KL(q || p): a channel below carries nothing), active_latent (channels whose mean varies
     across inputs, Burda et al. 2016), diversity and ged (the samples' D2_GED; NaN when not
-    measured), miou, iou (list),
-    pixel_acc, class_acc."""
+    measured), miou, iou (list), pixel_acc, class_acc."""
     n = sums["images"].clamp_min(1)
     mean = sums["mu_sum"] / sums["mu_n"].clamp_min(1)
     var = sums["mu_sq"] / sums["mu_n"].clamp_min(1) - mean.pow(2)
