@@ -193,7 +193,9 @@ class Predictor:
     `samples` latent draws (1: the posterior mean) of the network's logits, each with the logits
     of the mirrored image when `flip`; the network sees the image resized to the training size
     (`resolution` "train") or at its own size ("native": padded to the network stride inside the
-    model, and cut into overlapping tiles of `tile_size` when larger). `probs` then upsamples the
+    model, and cut into overlapping tiles of `tile_size` when larger). All views of one image
+    (mirrored, rescaled, tiled) decode the same draw of the learned prior's global latent, so
+    each sample stays one latent, not a blend of draws. `probs` then upsamples the
     logits once to the label's resolution, divides them by the temperature, applies the softmax
     and averages the two orientations: the mean over samples of these probabilities is the
     prediction, and every uncertainty map comes from the same per-sample probabilities."""
@@ -229,30 +231,46 @@ class Predictor:
         device, one view per scale and orientation: F = len(scales) x (2 with flip (the mirrored
         image's logits mirrored back), else 1); (h, w) is the training size, or the image's own
         size with resolution "native". Other scales' logits are resized to (h, w)."""
+        noise = self._shared_noise(len(images))
         if tuple(self.scales) == (1.0,):
-            return self._logits(images, 1.0)
-        views = [self._logits(images, s) for s in self.scales]
+            return self._logits(images, 1.0, noise)
+        views = [self._logits(images, s, noise) for s in self.scales]
         base = [tuple(self.image_size) if self.resolution == "train" else tuple(im.shape[-2:]) for im in images]
         return [torch.cat([self.at_size(v[k], base[k]) for v in views], 1) for k in range(len(images))]
 
-    def _logits(self, images, scale):
-        """`logits` of the images resized by `scale` from the size the network sees them at."""
+    def _shared_noise(self, count):
+        """(S, count, global_dims) standard normals, one per sample and image, that every view of
+        an image decodes (mirrored, at each scale, each of its tiles): the learned prior's sample
+        s is then one latent draw, not a blend of independent draws that mixes its alternatives.
+        None where an image has one view, and for models without a global latent (the standard
+        prior's spatial latent is drawn per view)."""
+        cfg = getattr(self.model, "config", None)  # None: a stand-in network without a latent
+        global_dims = cfg.global_dims if cfg is not None and cfg.prior == "learned" else 0
+        one_view = not self.flip and tuple(self.scales) == (1.0,) and self.resolution == "train"
+        if one_view or self.samples == 1 or not global_dims or not cfg.stochastic:
+            return None
+        return torch.randn((self.samples, count, global_dims), generator=self.generator, device=self.device)
+
+    def _logits(self, images, scale, noise=None):
+        """`logits` of the images resized by `scale` from the size the network sees them at;
+        noise: `_shared_noise` of the images, or None."""
         def scaled(size):
             return [max(1, round(n * scale)) for n in size]
 
         if self.resolution == "train":
-            return self._forward(torch.stack([resize_image(im, scaled(self.image_size)) for im in images]))
+            return self._forward(torch.stack([resize_image(im, scaled(self.image_size)) for im in images]), noise)
         if scale != 1.0:
             images = [resize_image(im, scaled(im.shape[-2:])) for im in images]
         out = [None] * len(images)
         same_size = {}
         for k, im in enumerate(images):
             if im.shape[-2] > self.tile_size[0] or im.shape[-1] > self.tile_size[1]:
-                out[k] = self._tiled(im)
+                out[k] = self._tiled(im, None if noise is None else noise[:, k:k + 1])
             else:
                 same_size.setdefault(tuple(im.shape[-2:]), []).append(k)
         for ks in same_size.values():
-            for k, lg in zip(ks, self._forward(torch.stack([images[k] for k in ks]))):
+            for k, lg in zip(ks, self._forward(torch.stack([images[k] for k in ks]),
+                                               None if noise is None else noise[:, ks])):
                 out[k] = lg
         return out
 
@@ -268,15 +286,16 @@ class Predictor:
         """(S, F, C, h, w) logits -> (S, C, H, W) probabilities at `size` (the label's)."""
         return (self.at_size(logits, size) / temperature).softmax(2).mean(1)
 
-    def _forward(self, images):
+    def _forward(self, images, noise=None):
         """uint8 (B, 3, h, w) -> list of B logits (S, F, C, h, w). Both orientations go through
-        the network in one batch."""
+        the network in one batch, decoding the same draws `noise` (S, B, global_dims) if given."""
         x = normalize(images.to(self.device, non_blocking=True))
         if self.flip:
             x = torch.cat([x, x.flip(-1)])
+            noise = None if noise is None else torch.cat([noise, noise], 1)  # (S, 2 B, global_dims)
         with torch.no_grad(), autocast(self.device, self.dtype):
             logits = self.model.sample(x.contiguous(memory_format=torch.channels_last), self.samples,
-                                       generator=self.generator).float()  # (S, F*B, C, h, w)
+                                       generator=self.generator, global_noise=noise).float()  # (S, F*B, C, h, w)
         if self.flip:
             plain, mirrored = logits.chunk(2, dim=1)
             logits = torch.stack([plain, mirrored.flip(-1)], 1)  # (S, 2, B, C, h, w)
@@ -284,10 +303,11 @@ class Predictor:
             logits = logits[:, None]  # (S, 1, B, C, h, w)
         return list(logits.unbind(2))
 
-    def _tiled(self, image):
+    def _tiled(self, image, noise=None):
         """Logits of an image larger than `tile_size`: overlapping tiles (a quarter of a tile
         apart at least, each a multiple of the network stride), blended with weights that fall
-        off towards each tile's border, where the network sees least context."""
+        off towards each tile's border, where the network sees least context. noise (S, 1,
+        global_dims): the image's draws, decoded in every tile."""
         h, w = image.shape[-2:]
         stride = self.model.stride
         th, tw = (min(-(-t // stride) * stride, n) for t, n in zip(self.tile_size, (h, w)))
@@ -297,7 +317,8 @@ class Predictor:
         for i in range(0, len(boxes), self.batch_size):
             chunk = boxes[i:i + self.batch_size]
             crops = torch.stack([image[:, y:y + th, x:x + tw] for y, x in chunk])
-            for (y, x), lg in zip(chunk, self._forward(crops)):
+            tile_noise = None if noise is None else noise.expand(-1, len(chunk), -1)  # (S, tiles, global_dims)
+            for (y, x), lg in zip(chunk, self._forward(crops, tile_noise)):
                 if total is None:
                     total = torch.zeros(*lg.shape[:3], h, w, device=self.device)  # (S, F, C, H, W)
                 total[..., y:y + th, x:x + tw] += lg * weight

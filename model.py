@@ -382,9 +382,12 @@ class SegVAE(nn.Module):
         return logits, mu_q, logvar_q, mu, logvar
 
     @torch.no_grad()
-    def sample(self, x, n, generator=None):
+    def sample(self, x, n, generator=None, global_noise=None):
         """n latent samples per image, decoded in one batch: logits (n, B, classes, H, W), z from
-        q(z|x) (standard) or the prior p(z|x) (learned). n = 1 decodes the mean."""
+        q(z|x) (standard) or the prior p(z|x) (learned). n = 1 decodes the mean.
+        global_noise (n, B, global_dims) standard normals, optional: the draws of the learned
+        prior's global latent, so that views of one image (mirrored, rescaled, its tiles) can
+        decode the same samples; the spatial latent is always drawn from `generator`."""
         x, (h, w) = self._pad(x)
         mu, logvar, feats = self.encode(x)
         b = mu.shape[0]
@@ -393,6 +396,8 @@ class SegVAE(nn.Module):
         else:
             std = torch.exp(0.5 * logvar)
             eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+            if global_noise is not None and self.learned:
+                eps[..., :self.config.global_dims] = global_noise.to(eps.dtype)
             z = mu + std * eps  # (n, B, *latent)
         z = z.reshape(n * b, *mu.shape[1:])
 

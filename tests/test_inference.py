@@ -27,7 +27,7 @@ from cli import Parser
 from dataset import ClassTable, DataError, load_image, load_mask, load_split, normalize, palette, resize_image
 from evaluate import Predictor, evaluate, summarize, tile_starts
 from metrics import UncertaintyMeter, softmax_entropy
-from model import SegVAE
+from model import SegVAE, VAEConfig
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +318,7 @@ class PixelModel(torch.nn.Module):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 5, 1)
 
-    def sample(self, x, n, generator=None):
+    def sample(self, x, n, generator=None, global_noise=None):
         return self.conv(x).expand(n, *self.conv(x).shape)  # (n, B, C, H, W)
 
 
@@ -354,6 +354,39 @@ def test_multi_scale_views_are_each_scale_resized_back(resolution):
     assert torch.allclose(views[0, 2], expected, atol=1e-5)
     assert torch.allclose(views[0, 3], expected, atol=1e-4)  # the mirrored half-size image, mirrored back
     assert multi.settings() == one.settings() + " scales=1,0.5"
+
+
+@pytest.mark.parametrize("resolution, scales", [("train", (1.0,)), ("train", (1.0, 0.5)), ("native", (1.0,))])
+def test_views_of_an_image_decode_one_latent_draw(resolution, scales):
+    """With the learned prior's global latent, sample s of an image is one latent: the mirrored
+    view, each scale and each tile decode the same draw (independent draws per view would blend
+    alternatives, e.g. Road in one view and Road-2 in the other, into one sample)."""
+    torch.manual_seed(0)
+    model = SegVAE(VAEConfig(num_classes=4, widths=(8, 16), prior="learned", latent_dim=3)).eval()
+    images = [torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8) for _ in range(2)]
+    draws, sample = [], model.sample
+
+    def recording(x, n, generator=None, global_noise=None):
+        draws.append(global_noise)
+        return sample(x, n, generator, global_noise)
+
+    model.sample = recording
+    predictor = Predictor(model, torch.device("cpu"), None, (32, 48), samples=3, flip=True, resolution=resolution,
+                          tile_size=(24, 32), scales=scales)
+    logits = predictor.logits(images)
+    flip_pairs = [d.view(3, 2, -1, 3) for d in draws]  # (S, orientation, images or tiles, latent)
+    assert all(torch.equal(d[:, 0], d[:, 1]) for d in flip_pairs)
+    per_image = torch.cat([d[:, 0] for d in flip_pairs], 1)  # (S, calls' images or tiles, latent)
+    assert len({tuple(per_image[:, i].flatten().tolist()) for i in range(per_image.shape[1])}) == len(images)
+    assert not torch.equal(per_image[0], per_image[1])  # different samples draw differently
+    if resolution == "train" and scales == (1.0,):
+        # the same draw through model.sample directly: the plain view, and the mirrored one mirrored back
+        noise = torch.randn((3, 2, 3), generator=torch.Generator().manual_seed(0))
+        x = normalize(torch.stack([resize_image(im, [32, 48]) for im in images]))
+        plain = model.sample(x, 3, global_noise=noise)
+        mirrored = model.sample(x.flip(-1), 3, global_noise=noise).flip(-1)
+        assert torch.allclose(logits[0][:, 0], plain[:, 0], atol=1e-5)
+        assert torch.allclose(logits[1][:, 1], mirrored[:, 1], atol=1e-5)
 
 
 def test_native_resolution_split(script, trained_tiny, tmp_path):
