@@ -245,7 +245,7 @@ class Predictor:
         None where an image has one view, and for models without a global latent (the standard
         prior's spatial latent is drawn per view)."""
         cfg = getattr(self.model, "config", None)  # None: a stand-in network without a latent
-        global_dims = cfg.global_dims if cfg is not None and cfg.prior == "learned" else 0
+        global_dims = cfg.global_dims if cfg is not None else 0  # 0 for the standard prior
         one_view = not self.flip and tuple(self.scales) == (1.0,) and self.resolution == "train"
         if one_view or self.samples == 1 or not global_dims or not cfg.stochastic:
             return None

@@ -378,6 +378,8 @@ def test_views_of_an_image_decode_one_latent_draw(resolution, scales):
     assert all(torch.equal(d[:, 0], d[:, 1]) for d in flip_pairs)
     per_image = torch.cat([d[:, 0] for d in flip_pairs], 1)  # (S, calls' images or tiles, latent)
     assert len({tuple(per_image[:, i].flatten().tolist()) for i in range(per_image.shape[1])}) == len(images)
+    if resolution == "train":  # one call per scale, each with both images in order: the same draws each time
+        assert all(torch.equal(d[:, 0], flip_pairs[0][:, 0]) for d in flip_pairs)
     assert not torch.equal(per_image[0], per_image[1])  # different samples draw differently
     if resolution == "train" and scales == (1.0,):
         # the same draw through model.sample directly: the plain view, and the mirrored one mirrored back
