@@ -49,6 +49,7 @@ class VAEConfig:
     latent_dim: int = 6  # dims of the global latent vector (Kohl et al. 2018 use 6)
     inject: str = None  # where z enters the decoder: "head" or "bottleneck" (standard: bottleneck only)
     head_convs: int = None  # hidden 1x1 convs before the class logits (Kohl et al. 2018: 3; here 1)
+    input_norm: bool = False  # standardize each image by its own per-channel mean and std first
 
     def __post_init__(self):
         learned = self.prior == "learned"
@@ -107,6 +108,14 @@ class VAEConfig:
             raise ValueError(f"unknown model config keys {unknown}")
         known["widths"] = tuple(known.get("widths", cls.widths))
         return cls(**known)
+
+
+def standardize(x, eps=1e-5):
+    """Each image of x (B, C, H, W) to zero mean and unit std per channel, in float32: what is
+    left is where a scene is lighter or darker than itself, not how light it is overall."""
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=(2, 3), keepdim=True)
+    return ((xf - mean) * torch.rsqrt(var + eps)).to(x.dtype)
 
 
 def conv_bn_relu(cin, cout, stride=1, dilation=1):
@@ -264,6 +273,8 @@ class SegVAE(nn.Module):
         standard: mu, logvar (B, z, H/s, W/s) of q(z|x); feats = the skips.
         learned: mu, logvar (B, K) of the prior p(z|x) (layout in GaussianNet); feats = the skips
         and, last, the bottleneck features (B, widths[-1], H/s, W/s)."""
+        if self.config.input_norm:
+            x = standardize(x)
         skips = []
         for down in self.downs:
             x = down(x)

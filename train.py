@@ -82,6 +82,9 @@ def get_args(argv=None):
                    help="random rotation of training images and masks, up to this many degrees either way")
     d.add_argument("--scale", type=float, nargs=2, default=[0.75, 1.5], metavar=("MIN", "MAX"),
                    help="range of the random zoom (log-uniform; >1 magnifies)")
+    d.add_argument("--jitter", type=float, default=0.2, metavar="S",
+                   help="colour jitter strength: brightness +-S (in units of 1/4 of a normalized unit), contrast and "
+                   "saturation x[1-S, 1+S]")
     d.add_argument("--label_flips", type=int, default=0, choices=[0, 1],
                    help="CamVid's known-ambiguity benchmark (Kohl et al. 2018): each time an image is drawn, all "
                    "its Pavement, Pedestrian, Car, Tree, Road pixels become a second class with probability "
@@ -93,6 +96,9 @@ def get_args(argv=None):
     m.add_argument("--latent_channels", type=int, default=32, help="channels of the spatial latent")
     m.add_argument("--skip", type=int, default=1, choices=[0, 1], help="U-Net skip connections")
     m.add_argument("--context", type=int, default=1, choices=[0, 1], help="dilated context at the bottleneck")
+    m.add_argument("--input_norm", type=int, default=0, choices=[0, 1],
+                   help="1: the model standardizes each image by its own per-channel mean and std before "
+                   "encoding it, so a scene's overall brightness, contrast and colour cast do not reach it")
     m.add_argument("--stochastic", type=int, default=1, choices=[0, 1],
                    help="sample the latent (0: decode the mean only, the deterministic ablation)")
     m.add_argument("--prior", default="standard", choices=PRIORS,
@@ -181,6 +187,8 @@ def check_args(args):
         raise DataError("--warmup must be in [0, 1) and --kl_warmup in [0, 1]")
     if not 0 <= args.ema < 1:
         raise DataError(f"--ema {args.ema} must be in [0, 1): the decay per step, e.g. 0.999, or 0 for none")
+    if not 0 <= args.jitter < 1:
+        raise DataError(f"--jitter {args.jitter} must be in [0, 1)")
     if not 0 <= args.rotate <= 180:
         raise DataError(f"--rotate {args.rotate} must be in 0..180 degrees")
     if args.val_samples is None:
@@ -476,7 +484,7 @@ def train_one_epoch(model, train, state, args, ctx):
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     model.train()
     crop = tuple(args.crop_size) if args.crop_size else None
-    fixed = (dict(scale=tuple(args.scale), rotate=args.rotate) if args.augment
+    fixed = (dict(scale=tuple(args.scale), rotate=args.rotate, jitter=args.jitter) if args.augment
              else dict(scale=(1, 1), flip=False, jitter=0))
     bar = tqdm(initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
                disable=None if ctx["is_main"] else True, leave=False, dynamic_ncols=True)  # None: terminal only
@@ -745,7 +753,8 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
         config = VAEConfig(num_classes=model_table.num_classes, widths=tuple(args.widths),
                            latent_channels=args.latent_channels, skip=bool(args.skip), context=bool(args.context),
                            stochastic=bool(args.stochastic), prior=args.prior, latent_form=args.latent_form,
-                           latent_dim=args.latent_dim, inject=args.inject, head_convs=args.head_convs)
+                           latent_dim=args.latent_dim, inject=args.inject, head_convs=args.head_convs,
+                           input_norm=bool(args.input_norm))
     except ValueError as e:
         raise DataError(f"model flags: {e}") from None
     raw_model = SegVAE(config).to(device, memory_format=torch.channels_last)

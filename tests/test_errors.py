@@ -438,6 +438,11 @@ def scale_range_reversed(root, run_dir):
     return train_cmd(root, split(root), "--scale", 2, 1), ["--scale 2.0 1.0"]
 
 
+@case
+def jitter_of_one(root, run_dir):
+    return train_cmd(root, split(root), "--jitter", 1), ["--jitter 1.0", "[0, 1)"]
+
+
 @pytest.fixture(scope="module")
 def refusals(trained_tiny, tmp_path_factory):
     """Build every case's input and run all the commands: {name: (CompletedProcess, names)}."""

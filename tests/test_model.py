@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import SegVAE, VAEConfig, kl_loss, kl_per_channel, segmentation_loss, soft_dice_loss
+from model import SegVAE, VAEConfig, kl_loss, kl_per_channel, segmentation_loss, soft_dice_loss, standardize
 
 TINY = VAEConfig(num_classes=3, widths=(8, 16), latent_channels=4)
 
@@ -18,6 +18,23 @@ def test_forward_shapes_any_size(skip, size):
     assert logits.shape == (2, 5, *size)
     # The input is padded to a multiple of 8 before encoding.
     assert mu.shape == logvar.shape == (2, 6, math.ceil(size[0] / 8), math.ceil(size[1] / 8))
+
+
+def test_input_norm_ignores_a_scene_s_brightness_contrast_and_colour_cast():
+    x = torch.randn(2, 3, 32, 48)
+    y = standardize(x)
+    assert torch.allclose(y.mean((2, 3)), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(y.std((2, 3), unbiased=False), torch.ones(2, 3), atol=1e-3)
+    gain, offset = torch.tensor([0.5, 1.5, 2.0]).view(1, 3, 1, 1), torch.tensor([-1.0, 0.3, 2.0]).view(1, 3, 1, 1)
+    brighter = x * gain + offset  # per-channel contrast and brightness: a colour cast
+    torch.manual_seed(0)
+    model = SegVAE(VAEConfig(num_classes=3, widths=(8, 16), latent_channels=4, input_norm=True)).eval()
+    plain = SegVAE(VAEConfig(num_classes=3, widths=(8, 16), latent_channels=4)).eval()
+    plain.load_state_dict(model.state_dict())  # the same weights: input_norm adds none
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0], model(brighter)[0], atol=1e-3)
+        assert not torch.allclose(plain(x)[0], plain(brighter)[0], atol=1e-2)
+        assert torch.allclose(model(x)[0], plain(standardize(x))[0], atol=1e-5)
 
 
 def test_encode_reparameterize_decode():

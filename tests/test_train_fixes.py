@@ -215,6 +215,25 @@ def test_rotation_is_a_rotation_in_pixel_space_and_keeps_masks_aligned():
     assert (from_image == out_masks)[ok].float().mean() > 0.99  # only ties at pixel centres may differ
 
 
+def test_jitter_and_input_norm_flags_reach_the_augmentation_and_the_saved_model(tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    import dataset
+
+    seen = []
+    real = dataset.augment
+
+    def spy(*a, **kw):
+        seen.append(kw["jitter"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(dataset, "augment", spy)
+    out = tmp_path / "run"
+    train.main(train.get_args(argv(tiny_data, out, "--epochs", 1, "--jitter", 0.45, "--input_norm", 1)))
+    assert seen and set(seen) == {0.45}
+    model = build_model(load_checkpoint(out / "best.pt"), out / "best.pt")
+    assert model.config.input_norm is True
+
+
 def test_ema_weights_are_what_is_validated_and_saved(tiny_data, tmp_path):
     out = tmp_path / "run"
     train.main(train.get_args(argv(tiny_data, out, "--epochs", 2, "--ema", 0.9)))
