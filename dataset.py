@@ -1492,6 +1492,36 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
     return out, out_masks
 
 
+def cutmix(images, masks, generator, prob, area=(0.1, 0.4)):
+    """CutMix for segmentation (Yun et al. 2019; French et al. 2020): with probability `prob`
+    each image of the batch gets a box of another image of the batch (the next one) pasted in,
+    its labels with it, so that objects appear in scenes they were not recorded in. The box
+    covers a share of the image drawn from `area`, with an aspect ratio between 1/2 and 2.
+    images (B, C, h, w), masks (B, h, w); returns new tensors."""
+    b, h, w = masks.shape
+
+    def u(lo, hi):
+        return torch.rand(b, generator=generator).mul_(hi - lo).add_(lo)
+
+    on = torch.rand(b, generator=generator) < prob
+    share, aspect = u(*area), torch.exp(u(math.log(0.5), math.log(2.0)))
+    bh = (share / aspect).sqrt().mul(h).clamp(max=h)  # box height and width in pixels
+    bw = (share * aspect).sqrt().mul(w).clamp(max=w)
+    top, left = u(0, 1) * (h - bh), u(0, 1) * (w - bw)
+    dev = masks.device
+    ys, xs = torch.arange(h, device=dev).view(1, h, 1), torch.arange(w, device=dev).view(1, 1, w)
+
+    def col(t):
+        return t.to(dev).view(b, 1, 1)
+
+    box = ((ys >= col(top)) & (ys < col(top + bh)) & (xs >= col(left)) & (xs < col(left + bw))
+           & col(on))  # (B, h, w)
+    if b < 2 or not bool(box.any()):
+        return images, masks
+    src = torch.roll(torch.arange(b, device=dev), -1)
+    return (torch.where(box[:, None], images[src], images), torch.where(box, masks[src], masks))
+
+
 def nearest_labels(masks, theta, size, ignore_index):
     """Labels of (B, H, W) `masks` at the sampling grid of `theta` (B, 2, 3) (normalized, as
     F.affine_grid, align_corners False) of output `size` (h, w): the nearest pixel, void outside

@@ -85,6 +85,9 @@ def get_args(argv=None):
     d.add_argument("--jitter", type=float, default=0.2, metavar="S",
                    help="colour jitter strength: brightness +-S (in units of 1/4 of a normalized unit), contrast and "
                    "saturation x[1-S, 1+S]")
+    d.add_argument("--cutmix", type=float, default=0.0, metavar="P",
+                   help="with probability P paste a box (10-40%% of the image) of another training image and "
+                   "its labels into each training image (CutMix)")
     d.add_argument("--label_flips", type=int, default=0, choices=[0, 1],
                    help="CamVid's known-ambiguity benchmark (Kohl et al. 2018): each time an image is drawn, all "
                    "its Pavement, Pedestrian, Car, Tree, Road pixels become a second class with probability "
@@ -187,6 +190,8 @@ def check_args(args):
         raise DataError("--warmup must be in [0, 1) and --kl_warmup in [0, 1]")
     if not 0 <= args.ema < 1:
         raise DataError(f"--ema {args.ema} must be in [0, 1): the decay per step, e.g. 0.999, or 0 for none")
+    if not 0 <= args.cutmix <= 1:
+        raise DataError(f"--cutmix {args.cutmix} must be a probability in [0, 1]")
     if not 0 <= args.jitter < 1:
         raise DataError(f"--jitter {args.jitter} must be in [0, 1)")
     if not 0 <= args.rotate <= 180:
@@ -499,6 +504,8 @@ def train_one_epoch(model, train, state, args, ctx):
         else:
             images = dataset.normalize(images)
         target = target.long()
+        if args.cutmix:
+            images, target = dataset.cutmix(images, target, gen, args.cutmix)
         if ctx.get("flips"):
             target = flip_labels(target, gen, ctx["flips"])  # (B, h, w) in the 16 classes, void 255
         stop = train_step(model, images.contiguous(memory_format=torch.channels_last), target, state, args, ctx)

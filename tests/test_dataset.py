@@ -178,6 +178,23 @@ def test_colour_jitter_is_saturation_then_contrast_then_brightness():
     assert torch.allclose(out, (x - mean) * contrast + mean + bright * 4, atol=1e-5)
 
 
+def test_cutmix_pastes_one_box_of_the_next_image_with_its_labels():
+    b, h, w = 6, 40, 60
+    images = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, h, w).clone()  # image i is all i
+    masks = torch.arange(b).view(b, 1, 1).expand(b, h, w).clone()
+    same = dataset.cutmix(images, masks, torch.Generator().manual_seed(0), prob=0.0)
+    assert torch.equal(same[0], images) and torch.equal(same[1], masks)
+    out, out_masks = dataset.cutmix(images, masks, torch.Generator().manual_seed(0), prob=1.0, area=(0.1, 0.4))
+    for i in range(b):
+        pasted = out_masks[i] != i
+        assert set(out_masks[i][pasted].tolist()) == {(i + 1) % b}  # labels of the next image
+        assert torch.equal(out[i, 0], out_masks[i].float())  # the image moved with its labels
+        rows, cols = pasted.any(1).nonzero(), pasted.any(0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert int(pasted.sum()) == int(box)  # one rectangle
+        assert 0.1 * h * w * 0.8 <= int(box) <= 0.4 * h * w * 1.2
+
+
 def test_normalize_is_imagenet_mean_and_std():
     images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
     mean = torch.tensor(dataset.IMAGENET_MEAN).view(1, 3, 1, 1) * 255

@@ -439,6 +439,11 @@ def scale_range_reversed(root, run_dir):
 
 
 @case
+def cutmix_above_one(root, run_dir):
+    return train_cmd(root, split(root), "--cutmix", 1.5), ["--cutmix 1.5", "[0, 1]"]
+
+
+@case
 def jitter_of_one(root, run_dir):
     return train_cmd(root, split(root), "--jitter", 1), ["--jitter 1.0", "[0, 1)"]
 

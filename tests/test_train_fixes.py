@@ -215,8 +215,8 @@ def test_rotation_is_a_rotation_in_pixel_space_and_keeps_masks_aligned():
     assert (from_image == out_masks)[ok].float().mean() > 0.99  # only ties at pixel centres may differ
 
 
-def test_jitter_and_input_norm_flags_reach_the_augmentation_and_the_saved_model(tiny_data, tmp_path,
-                                                                                 monkeypatch):
+def test_jitter_cutmix_and_input_norm_flags_reach_the_batches_and_the_saved_model(tiny_data, tmp_path,
+                                                                                  monkeypatch):
     import dataset
 
     seen = []
@@ -226,10 +226,20 @@ def test_jitter_and_input_norm_flags_reach_the_augmentation_and_the_saved_model(
         seen.append(kw["jitter"])
         return real(*a, **kw)
 
+    mixed = []
+    real_cutmix = dataset.cutmix
+
+    def spy_cutmix(images, masks, generator, prob):
+        mixed.append(prob)
+        return real_cutmix(images, masks, generator, prob)
+
     monkeypatch.setattr(dataset, "augment", spy)
+    monkeypatch.setattr(dataset, "cutmix", spy_cutmix)
     out = tmp_path / "run"
-    train.main(train.get_args(argv(tiny_data, out, "--epochs", 1, "--jitter", 0.45, "--input_norm", 1)))
+    train.main(train.get_args(argv(tiny_data, out, "--epochs", 1, "--jitter", 0.45, "--input_norm", 1,
+                                   "--cutmix", 0.5)))
     assert seen and set(seen) == {0.45}
+    assert len(mixed) == len(seen) and set(mixed) == {0.5}  # every training batch
     model = build_model(load_checkpoint(out / "best.pt"), out / "best.pt")
     assert model.config.input_norm is True
 
