@@ -130,8 +130,9 @@ def get_args(argv=None):
     o.add_argument("--loss", default="ce", choices=["ce", "mse", "ce_dice"],
                    help="ce: pixel cross-entropy; mse: squared error of class probabilities vs one-hot; "
                    "ce_dice: cross-entropy plus soft Dice (each class present weighs alike: thin, rare classes)")
-    o.add_argument("--class_weights", default="median_freq", choices=["none", "median_freq"],
-                   help="per-class loss weights computed from the training masks (Eigen & Fergus 2015)")
+    o.add_argument("--class_weights", default="median_freq", choices=["none", "median_freq", "sqrt_median_freq"],
+                   help="per-class loss weights computed from the training masks: median frequency (Eigen & "
+                   "Fergus 2015), or its square root (milder on rare classes)")
     o.add_argument("--kl_weight", type=float, default=1.0,
                    help="beta on the KL term (KL in nats per pixel, so 1 is the ELBO with --loss ce)")
     o.add_argument("--kl_warmup", type=float, default=0.2, help="share of steps over which beta ramps up from 0")
@@ -338,6 +339,15 @@ def median_frequency_weights(masks, num_classes, ignore_index):
         counts += c
         present_pixels += (c > 0).double() * m.numel()
     return median_frequency_weights_of(counts, present_pixels)
+
+
+def loss_class_weights(kind, counts, present_pixels):
+    """--class_weights: None ("none"), median_frequency_weights_of ("median_freq") or its
+    square root ("sqrt_median_freq")."""
+    if kind == "none":
+        return None
+    weights = median_frequency_weights_of(counts, present_pixels)
+    return weights.sqrt() if kind == "sqrt_median_freq" else weights
 
 
 def median_frequency_weights_of(counts, present_pixels):
@@ -770,9 +780,8 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
     if world > 1:
         ids = [device] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=ids)
-    class_weights = None
-    if args.class_weights == "median_freq":
-        class_weights = median_frequency_weights_of(train.stats["pixels"], train.stats["image_pixels"])
+    class_weights = loss_class_weights(args.class_weights, train.stats["pixels"], train.stats["image_pixels"])
+    if class_weights is not None:
         if flips:
             # A class and its second version share one weight: unequal weights would bias the
             # probabilities the model learns for the flip (p_c' / p_c scaled by w_c' / w_c).

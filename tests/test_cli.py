@@ -152,6 +152,11 @@ def test_schedules_and_class_weights():
     masks = [torch.tensor([[0, 0], [0, 1]]), torch.tensor([[0, 0], [0, 9]])]
     w = train.median_frequency_weights(masks, 3, ignore_index=9)
     assert w.tolist() == pytest.approx([0.5 / 0.75, 0.5 / 0.25, 0.0])
+    counts, present = [6, 1, 0], [8, 4, 0]
+    assert train.loss_class_weights("none", counts, present) is None
+    assert train.loss_class_weights("median_freq", counts, present).tolist() == pytest.approx(w.tolist())
+    assert train.loss_class_weights("sqrt_median_freq", counts, present).tolist() == pytest.approx(
+        [(0.5 / 0.75) ** 0.5, (0.5 / 0.25) ** 0.5, 0.0])
 
 
 @pytest.mark.skipif(not (CAMVID / "train").is_dir(), reason="CamVid is not at ../shared/data/camvid")
