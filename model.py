@@ -50,6 +50,7 @@ class VAEConfig:
     inject: str = None  # where z enters the decoder: "head" or "bottleneck" (standard: bottleneck only)
     head_convs: int = None  # hidden 1x1 convs before the class logits (Kohl et al. 2018: 3; here 1)
     input_norm: bool = False  # standardize each image by its own per-channel mean and std first
+    image_context: bool = False  # add the whole image's pooled bottleneck features at every position
 
     def __post_init__(self):
         learned = self.prior == "learned"
@@ -75,6 +76,8 @@ class VAEConfig:
             # latent at the head would leave it with no image information to carry.
             raise ValueError(f"prior 'standard' has a spatial latent at the bottleneck, not "
                              f"latent_form={self.latent_form!r}, inject={self.inject!r}; use prior='learned'")
+        if self.image_context and not self.context:
+            raise ValueError("image_context is part of the context module: it needs context=True")
         if self.head_convs < 0 or self.latent_dim < 1 or self.latent_channels < 1:
             raise ValueError(f"head_convs {self.head_convs} must be >= 0, latent_dim {self.latent_dim} and "
                              f"latent_channels {self.latent_channels} >= 1")
@@ -162,14 +165,19 @@ class Up(nn.Module):
 
 class Context(nn.Module):
     """Two residual dilated 3x3 convs (dilation 2 and 4): a wider view at the bottleneck for
-    little compute, as in the context modules of Yu & Koltun 2016."""
+    little compute, as in the context modules of Yu & Koltun 2016. With `image`, first a
+    residual image-level feature, the bottleneck averaged over the whole image through a 1x1
+    conv (the image pooling of PSPNet and DeepLab v3), so every position sees the scene."""
 
-    def __init__(self, c):
+    def __init__(self, c, image=False):
         super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True)) if image else None
         self.a = conv_bn_relu(c, c, dilation=2)
         self.b = conv_bn_relu(c, c, dilation=4)
 
     def forward(self, x):
+        if self.image is not None:
+            x = x + self.image(x.mean((2, 3), keepdim=True))
         x = x + self.a(x)
         return x + self.b(x)
 
@@ -246,7 +254,7 @@ class SegVAE(nn.Module):
         self.learned = c.prior == "learned"
         z_in = c.global_dims + c.spatial_channels  # latent channels once z is laid out as a map
         self.downs = nn.ModuleList(Down(cin, cout) for cin, cout in zip([c.in_channels] + w[:-1], w))
-        self.context = Context(w[-1]) if c.context else nn.Identity()
+        self.context = Context(w[-1], c.image_context) if c.context else nn.Identity()
         if self.learned:
             # Prior and posterior share the encoder's bottleneck features (see GaussianNet): on
             # a CPU a second and third encoder, as in Kohl et al. 2018, would about double a step.

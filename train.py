@@ -99,6 +99,8 @@ def get_args(argv=None):
     m.add_argument("--latent_channels", type=int, default=32, help="channels of the spatial latent")
     m.add_argument("--skip", type=int, default=1, choices=[0, 1], help="U-Net skip connections")
     m.add_argument("--context", type=int, default=1, choices=[0, 1], help="dilated context at the bottleneck")
+    m.add_argument("--image_context", type=int, default=0, choices=[0, 1],
+                   help="1: the context also adds the whole image's pooled features at every bottleneck position")
     m.add_argument("--input_norm", type=int, default=0, choices=[0, 1],
                    help="1: the model standardizes each image by its own per-channel mean and std before "
                    "encoding it, so a scene's overall brightness, contrast and colour cast do not reach it")
@@ -771,7 +773,7 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
                            latent_channels=args.latent_channels, skip=bool(args.skip), context=bool(args.context),
                            stochastic=bool(args.stochastic), prior=args.prior, latent_form=args.latent_form,
                            latent_dim=args.latent_dim, inject=args.inject, head_convs=args.head_convs,
-                           input_norm=bool(args.input_norm))
+                           input_norm=bool(args.input_norm), image_context=bool(args.image_context))
     except ValueError as e:
         raise DataError(f"model flags: {e}") from None
     raw_model = SegVAE(config).to(device, memory_format=torch.channels_last)

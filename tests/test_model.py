@@ -37,6 +37,21 @@ def test_input_norm_ignores_a_scene_s_brightness_contrast_and_colour_cast():
         assert torch.allclose(model(x)[0], plain(standardize(x))[0], atol=1e-5)
 
 
+def test_image_context_lets_every_position_see_the_whole_image():
+    x = torch.randn(1, 3, 128, 128)
+    far = x.clone()
+    far[..., -32:, -32:] += 10.0  # a change in the bottom-right corner, beyond the convolutions' reach
+    for image_context, reaches in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        model = SegVAE(VAEConfig(num_classes=3, widths=(8, 16), latent_channels=4,
+                                 image_context=image_context)).eval()
+        with torch.no_grad():
+            top_left = (model(x)[0] - model(far)[0])[..., :16, :16].abs().max()
+        assert (top_left > 0) if reaches else top_left == 0  # exactly: beyond reach nothing moves
+    with pytest.raises(ValueError, match="image_context"):
+        VAEConfig(context=False, image_context=True)
+
+
 def test_encode_reparameterize_decode():
     model = SegVAE(TINY)
     mu, logvar, skips = model.encode(torch.randn(2, 3, 32, 32))
