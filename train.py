@@ -83,7 +83,7 @@ def get_args(argv=None):
     d.add_argument("--scale", type=float, nargs=2, default=[0.75, 1.5], metavar=("MIN", "MAX"),
                    help="range of the random zoom (log-uniform; >1 magnifies)")
     d.add_argument("--jitter", type=float, default=0.2, metavar="S",
-                   help="colour jitter strength: brightness +-S (in units of 1/4 of a normalized unit), contrast and "
+                   help="colour jitter strength: brightness +-4S in normalized units (ImageNet std), contrast and "
                    "saturation x[1-S, 1+S]")
     d.add_argument("--cutmix", type=float, default=0.0, metavar="P",
                    help="with probability P paste a box (10-40%% of the image) of another training image and "
