@@ -1422,6 +1422,11 @@ def draw_annotations(masks, generator):
 # augmentation
 
 
+def uniform(n, lo, hi, generator):
+    """n draws from U(lo, hi) on the CPU, from `generator` (the augmentations' shared draw)."""
+    return torch.rand(n, generator=generator).mul_(hi - lo).add_(lo)
+
+
 def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True, jitter=0.2, out_size=None,
             rotate=0.0):
     """Random zoom, shift and horizontal flip applied jointly to a batch of images (bilinear)
@@ -1439,8 +1444,8 @@ def augment(images, masks, generator, ignore_index, scale=(0.75, 1.5), flip=True
     big_h, big_w = images.shape[-2:]
     h, w = out_size or (big_h, big_w)
 
-    def u(lo, hi, n=b):
-        return torch.rand(n, generator=generator).mul_(hi - lo).add_(lo)
+    def u(lo, hi):
+        return uniform(b, lo, hi, generator)
 
     # Zoom s > 1 magnifies: the sampling grid covers 1/s of the image, shifted within bounds.
     s = torch.exp(u(math.log(scale[0]), math.log(scale[1])))
@@ -1501,7 +1506,7 @@ def cutmix(images, masks, generator, prob, area=(0.1, 0.4)):
     b, h, w = masks.shape
 
     def u(lo, hi):
-        return torch.rand(b, generator=generator).mul_(hi - lo).add_(lo)
+        return uniform(b, lo, hi, generator)
 
     on = torch.rand(b, generator=generator) < prob
     share, aspect = u(*area), torch.exp(u(math.log(0.5), math.log(2.0)))
