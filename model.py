@@ -362,7 +362,7 @@ class SegVAE(nn.Module):
             x = F.pad(x, (0, pw, 0, ph), mode="replicate") if value is None else F.pad(x, (0, pw, 0, ph), value=value)
         return x, (h, w)
 
-    def forward(self, x, target=None, sample=None):
+    def forward(self, x, target=None, sample=None, prior_samples=0):
         """x (B, C_in, H, W). z is sampled in training mode (or when `sample=True`), otherwise
         the mean is decoded.
 
@@ -370,7 +370,10 @@ class SegVAE(nn.Module):
         from the prior p(z|x) (learned, whose mu and logvar are then the prior's).
         With target (B, H, W) integer labels (void outside [0, classes)): logits, mu_q,
         logvar_q, mu_p, logvar_p, what `kl_loss` needs. Learned: z from the posterior q(z|x, y);
-        standard: the target is not used and the prior is N(0, I) (zeros)."""
+        standard: the target is not used and the prior is N(0, I) (zeros).
+        prior_samples K > 0 (learned prior with z at the head, and a target): a sixth output,
+        the logits of K draws from the prior p(z|x) at the head's resolution (K, B, classes,
+        ceil(H/2), ceil(W/2)), which reach only the prior (see `prior_head_samples`)."""
         x, (h, w) = self._pad(x)
         mu, logvar, feats = self.encode(x)
         sample = self.training if sample is None else sample
@@ -384,8 +387,30 @@ class SegVAE(nn.Module):
             raise ValueError(f"target of size {tuple(target.shape[-2:])} for images of size {(h, w)}")
         mu_q, logvar_q = self.posterior(feats, self._pad(target.long(), value=-1)[0])
         z = self.reparameterize(mu_q, logvar_q) if sample and self.config.stochastic else mu_q
-        logits = self.decode(z, feats, x.shape[-2:])[..., :h, :w]
-        return logits, mu_q, logvar_q, mu, logvar
+        if not prior_samples:
+            logits = self.decode(z, feats, x.shape[-2:])[..., :h, :w]
+            return logits, mu_q, logvar_q, mu, logvar
+        if self.config.inject != "head":
+            raise ValueError("prior_samples needs the latent at the head (inject='head')")
+        trunk = self._trunk(None, feats)
+        logits = self._head(trunk, z, x.shape[-2:])[..., :h, :w]
+        drawn = self.prior_head_samples(trunk, mu, logvar, prior_samples, x.shape[-2:])
+        return logits, mu_q, logvar_q, mu, logvar, drawn[..., :(h + 1) // 2, :(w + 1) // 2]
+
+    def prior_head_samples(self, trunk, mu, logvar, k, out_size):
+        """Logits (k, B, classes, H/2, W/2) of k reparameterized draws from the prior N(mu, var),
+        decoded by the head from the trunk's features (B, widths[0], H/2, W/2). The trunk and
+        the head's weights are detached: a loss on these logits moves only the prior (and the
+        encoder features it reads), not how the decoder maps a latent to a segmentation."""
+        b = mu.shape[0]
+        eps = torch.randn((k, *mu.shape), device=mu.device, dtype=mu.dtype)
+        z = (mu + torch.exp(0.5 * logvar) * eps).reshape(k * b, *mu.shape[1:])
+        h = trunk.detach().expand(k, *trunk.shape).reshape(k * b, *trunk.shape[1:])
+        grid = (out_size[0] // self.stride, out_size[1] // self.stride)
+        h = torch.cat([h, self._latent_map(z, grid, h.shape[-2:])], dim=1)
+        weights = {name: p.detach() for name, p in self.head.named_parameters()}
+        logits = torch.func.functional_call(self.head, weights, (h,))
+        return logits.view(k, b, *logits.shape[1:])
 
     def forward_val(self, x, target):
         """Validation in one encoder pass: logits (B, classes, H, W) decoded from the test-time
@@ -512,6 +537,27 @@ def segmentation_loss(logits, target, kind, ignore_index, class_weights=None):
     per_pixel = (probs - onehot).pow(2).sum(dim=1)  # (B, H, W)
     w = valid.float() if class_weights is None else class_weights[safe] * valid
     return (per_pixel * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def fair_brier_loss(sample_logits, target, ignore_index):
+    """The Brier score of the samples' mean class distribution, estimated without bias from K >= 2
+    samples (the "fair" Brier score, Ferro 2014), averaged over the labelled pixels.
+    sample_logits (K, B, C, H, W), target (B, H, W). Per pixel, with p_k the softmax of sample k
+    and y the one-hot label: mean_k |p_k - y|^2 - 1/(2 K (K-1)) sum_{k != l} |p_k - p_l|^2, whose
+    expectation is |E p - y|^2. Its minimum over the samples' distribution is where each class's
+    sampled frequency equals its frequency in the labels, however sharp each sample is."""
+    k = sample_logits.shape[0]
+    if k < 2:
+        raise ValueError("fair_brier_loss needs at least 2 samples")
+    p = sample_logits.float().softmax(dim=2)  # (K, B, C, H, W)
+    valid = (target != ignore_index) & (target >= 0) & (target < p.shape[2])  # (B, H, W)
+    y = torch.where(valid, target, 0).long()
+    sq = p.pow(2).sum(2)  # (K, B, H, W): |p_k|^2
+    at_y = p.gather(2, y.expand(k, *y.shape)[:, :, None]).squeeze(2)  # (K, B, H, W): p_k[y]
+    total = p.sum(0)  # (B, C, H, W)
+    spread = (2 * k * sq.sum(0) - 2 * total.pow(2).sum(1)) / (2 * k * (k - 1))  # (B, H, W)
+    score = (sq - 2 * at_y + 1).mean(0) - spread
+    return (score * valid).sum() / valid.sum().clamp_min(1)
 
 
 def soft_dice_loss(logits, target, ignore_index, log_probs=False):

@@ -36,7 +36,8 @@ from checkpoint import build_model, load_checkpoint, make_checkpoint, save_check
 from cli import Parser, make_output_dir, refuse, write_csv, write_json
 from evaluate import DIVERSITY_IMAGES, diversity_stride, evaluate, summarize
 from figures import plot_history
-from model import INJECTIONS, LATENT_FORMS, PRIORS, SegVAE, VAEConfig, count_parameters, kl_loss, segmentation_loss
+from model import (INJECTIONS, LATENT_FORMS, PRIORS, SegVAE, VAEConfig, count_parameters, fair_brier_loss, kl_loss,
+                   segmentation_loss)
 from runtime import autocast, keep_freed_memory, pick_device, pick_precision, set_threads
 
 DEFAULT_EPOCHS = 8
@@ -139,6 +140,12 @@ def get_args(argv=None):
                    help="beta on the KL term (KL in nats per pixel, so 1 is the ELBO with --loss ce)")
     o.add_argument("--kl_warmup", type=float, default=0.2, help="share of steps over which beta ramps up from 0")
     o.add_argument("--free_bits", type=float, default=0.0, help="KL floor in nats per latent element")
+    o.add_argument("--calibration", type=float, default=0.0, metavar="WEIGHT",
+                   help="learned prior: weight of a loss on --calibration_samples draws from the prior p(z|x), "
+                   "the fair Brier score of their mean against the label, which moves only the prior: it pulls "
+                   "how often samples show each alternative towards how often the labels do (default 0: off)")
+    o.add_argument("--calibration_samples", type=int, default=4, metavar="K",
+                   help="prior draws per image for --calibration (at least 2)")
     o.add_argument("--val_samples", type=int,
                    help="latent samples per validation image for the sample diversity (mean 1 - IoU between two "
                    f"samples; near 0: collapse), drawn for up to {DIVERSITY_IMAGES} images spread over the split "
@@ -186,7 +193,8 @@ def check_args(args):
             continue
         if not value > 0:
             raise DataError(f"--{name} {value} must be greater than 0")
-    for name in ("kl_weight", "free_bits", "grad_clip", "weight_decay", "skip_nonfinite", "threads", "workers"):
+    for name in ("kl_weight", "free_bits", "calibration", "grad_clip", "weight_decay", "skip_nonfinite", "threads",
+                 "workers"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name} {getattr(args, name)} must not be negative")
     if not 0 <= args.warmup < 1 or not 0 <= args.kl_warmup <= 1:
@@ -206,6 +214,11 @@ def check_args(args):
     if args.select == "ged" and (args.val_samples < 2 or not args.stochastic):
         raise DataError(f"--select ged compares latent samples with the labels; it needs a stochastic model and "
                         f"--val_samples of at least 2 (now {args.val_samples}), e.g. --val_samples 16")
+    if args.calibration and (args.prior != "learned" or args.inject == "bottleneck"):
+        raise DataError(f"--calibration {args.calibration} trains the learned prior through the decoder's head: it "
+                        "needs --prior learned with the latent at the head (--inject head, the default)")
+    if args.calibration_samples < 2:
+        raise DataError(f"--calibration_samples {args.calibration_samples} must be at least 2")
     if args.latent_dim < 1 or (args.head_convs is not None and args.head_convs < 0):
         raise DataError(f"--latent_dim {args.latent_dim} must be at least 1 and --head_convs {args.head_convs} "
                         "not negative")
@@ -534,23 +547,29 @@ def train_one_epoch(model, train, state, args, ctx):
 
 def train_step(model, images, target, state, args, ctx):
     """One optimizer step on a normalized, augmented batch: images (B, 3, h, w) float,
-    target (B, h, w) int64. Adds the batch's loss and KL to state['partial'] and advances
+    target (B, h, w) int64. Adds the batch's loss, KL and --calibration score to state['partial'] and advances
     state['step']; returns True when a stop signal reached any rank."""
     device, dtype = ctx["device"], ctx["dtype"]
     optimizer, scheduler, scaler = ctx["optimizer"], ctx["scheduler"], ctx["scaler"]
     part = state["partial"]
     n = images.shape[0]
     beta = kl_weight_at(state["step"], ctx["total_steps"], args.kl_weight, args.kl_warmup)
-    prior = ()
+    prior, drawn, brier = (), None, None
+    void = outputs_table(ctx).ignore_index
     with autocast(device, dtype):
         if model_config(model).prior == "learned":  # z from q(z|x, y); KL(q || p(z|x))
-            void = outputs_table(ctx).ignore_index
-            logits, mu, logvar, *prior = model(images, target.masked_fill(target == void, -1))
+            k = args.calibration_samples if args.calibration else 0
+            logits, mu, logvar, *prior = model(images, target.masked_fill(target == void, -1), prior_samples=k)
+            if k:
+                *prior, drawn = prior
         else:
             logits, mu, logvar = model(images)
-    recon = segmentation_loss(logits, target, args.loss, outputs_table(ctx).ignore_index, ctx["class_weights"])
+    recon = segmentation_loss(logits, target, args.loss, void, ctx["class_weights"])
     kl = kl_loss(mu, logvar, images.shape[-2] * images.shape[-1], args.free_bits, *prior)
     loss = recon + beta * kl if model_config(model).stochastic else recon
+    if drawn is not None:  # the head's resolution: every second label row and column
+        brier = fair_brier_loss(drawn, target[:, ::2, ::2], void)
+        loss = loss + args.calibration * brier
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     ok = torch.isfinite(loss)
@@ -586,6 +605,8 @@ def train_step(model, images, target, state, args, ctx):
             update_ema(ctx["ema"], getattr(model, "module", model), args.ema, state["step"])
         part["loss"] += loss.detach().double() * n
         part["kl"] += kl.detach().double() * n
+        if brier is not None:
+            part["brier"] += brier.detach().double() * n
         part["images"] += n
     scheduler.step()
     state["step"] += 1
@@ -627,7 +648,7 @@ def eval_model(raw_model, ctx):
 
 
 def new_partial(device):
-    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "kl", "images")}
+    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "kl", "brier", "images")}
 
 
 def checkpoint_dict(raw_model, state, args, ctx, full):
@@ -658,7 +679,7 @@ def run_config(args):
 
 
 def write_metrics_csv(path, history, class_names):
-    keys = ["epoch", "step", "train_loss", "train_kl", "val_loss", "val_kl", "val_kl_image", "kl_active",
+    keys = ["epoch", "step", "train_loss", "train_kl", "train_brier", "val_loss", "val_kl", "val_kl_image", "kl_active",
             "val_diversity", "val_ged", "val_miou", "val_pixel_acc", "val_class_acc", "active_latent", "lr", "seconds"]
     write_csv(path, keys + [f"iou_{n}" for n in class_names],
               [[_fmt(row.get(k)) for k in keys] + [_fmt(v) for v in row.get("val_iou", [])] for row in history])
@@ -882,6 +903,8 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
         n = float(part["images"]) or math.nan  # nan, not 0, when --skip_nonfinite skipped every step
         row = {"epoch": state["epoch"] + 1, "step": state["step"], "train_loss": float(part["loss"]) / n,
                "train_kl": float(part["kl"]) / n, "lr": ctx["scheduler"].get_last_lr()[0]}
+        if args.calibration:
+            row["train_brier"] = float(part["brier"]) / n
         if ctx["world"] > 1:
             # BN running statistics drift apart per rank; evaluate every shard with rank 0's,
             # which are the ones the checkpoint holds.
@@ -938,6 +961,8 @@ def save_epoch(raw_model, state, args, ctx, out, improved):
 
 def epoch_line(row, epochs):
     s = f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f}  kl {row['train_kl']:.4f}"
+    if row.get("train_brier") is not None:
+        s += f"  brier {row['train_brier']:.4f}"
     if "val_miou" in row:
         s += (f"  val loss {row['val_loss']:.4f}  mIoU {row['val_miou'] * 100:.1f}  "
               f"pixel acc {row['val_pixel_acc'] * 100:.1f}  active latent {row['active_latent']}  "
@@ -1026,8 +1051,9 @@ def restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank, 
     for k in ("epoch", "step", "best_miou", "history", "batch_in_epoch", "nonfinite"):
         state[k] = ckpt[k]
     # last.pt holds the sums of all ranks: rank 0 carries them on, the others start from zero
-    state["partial"] = {k: torch.tensor(v if rank == 0 else 0.0, dtype=torch.float64, device=device)
-                        for k, v in ckpt["partial"].items()}
+    state["partial"] = new_partial(device)  # a run saved before a sum was added has none of it
+    state["partial"].update({k: torch.tensor(v if rank == 0 else 0.0, dtype=torch.float64, device=device)
+                             for k, v in ckpt["partial"].items()})
     if rank == 0:
         torch.set_rng_state(ckpt["rng_cpu"].cpu())
         if ckpt["rng_cuda"] and torch.cuda.is_available():

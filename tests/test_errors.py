@@ -448,6 +448,17 @@ def jitter_of_one(root, run_dir):
     return train_cmd(root, split(root), "--jitter", 1), ["--jitter 1.0", "[0, 1)"]
 
 
+@case
+def calibration_without_the_learned_prior(root, run_dir):
+    return train_cmd(root, split(root), "--calibration", 1), ["--calibration 1.0", "--prior learned"]
+
+
+@case
+def one_calibration_sample(root, run_dir):
+    return (train_cmd(root, split(root), "--prior", "learned", "--calibration", 1, "--calibration_samples", 1),
+            ["--calibration_samples 1", "at least 2"])
+
+
 @pytest.fixture(scope="module")
 def refusals(trained_tiny, tmp_path_factory):
     """Build every case's input and run all the commands: {name: (CompletedProcess, names)}."""

@@ -259,10 +259,13 @@ def camvid_like(tmp_path_factory):
 def test_learned_prior_with_flips_end_to_end(camvid_like, tmp_path):
     out = tmp_path / "run"
     r = run("train.py", "--train_path", camvid_like / "train", "--val_path", camvid_like / "val", "--epochs", 3,
-            "--output_dir", out, "--prior", "learned", "--label_flips", 1, "--select", "ged", *TINY_MODEL)
+            "--output_dir", out, "--prior", "learned", "--label_flips", 1, "--select", "ged", "--calibration", 1,
+            *TINY_MODEL)
     assert r.returncode == 0, r.stderr
     assert "label flips: Pavement -> Pavement-2 (8/17)" in r.stdout and "D2_GED" in r.stdout
+    assert json.loads((out / "config.json").read_text())["calibration"] == 1 and "  brier " in r.stdout
     rows = metrics_rows(out)
+    assert all(0 < float(row["train_brier"]) < 2 for row in rows)  # the fair Brier score of the prior's samples
     assert {"val_kl_image", "kl_active", "val_diversity", "val_ged", "iou_Bicyclist"} <= set(rows[0])
     assert "iou_Pavement-2" not in rows[0]  # validation scores the base classes
     ckpt = torch.load(out / "best.pt", weights_only=True)
