@@ -142,8 +142,8 @@ def get_args(argv=None):
     o.add_argument("--free_bits", type=float, default=0.0, help="KL floor in nats per latent element")
     o.add_argument("--calibration", type=float, default=0.0, metavar="WEIGHT",
                    help="learned prior: weight of a loss on --calibration_samples draws from the prior p(z|x), "
-                   "the fair Brier score of their mean against the label, which moves only the prior: it pulls "
-                   "how often samples show each alternative towards how often the labels do (default 0: off)")
+                   "the fair Brier score of their mean against the label, least where each class is sampled as "
+                   "often as it is labelled; it moves only the prior (default 0: off)")
     o.add_argument("--calibration_samples", type=int, default=4, metavar="K",
                    help="prior draws per image for --calibration (at least 2)")
     o.add_argument("--val_samples", type=int,
