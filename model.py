@@ -334,10 +334,14 @@ class SegVAE(nn.Module):
 
     def _head(self, h, z, out_size):
         if self.learned and self.config.inject == "head":
-            grid = (out_size[0] // self.stride, out_size[1] // self.stride)
-            h = torch.cat([h, self._latent_map(z, grid, h.shape[-2:])], dim=1)
+            h = self._with_latent(h, z, out_size)
         logits = self.head(h)  # (B, classes, H/2, W/2)
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+
+    def _with_latent(self, h, z, out_size):
+        """The head's input: features h (B, c, H/2, W/2) and the latent z laid out beside them."""
+        grid = (out_size[0] // self.stride, out_size[1] // self.stride)
+        return torch.cat([h, self._latent_map(z, grid, h.shape[-2:])], dim=1)
 
     def _latent_map(self, z, grid, size):
         """z (B, K) -> (B, global_dims + spatial_channels, *size): the global vector broadcast to
@@ -405,9 +409,7 @@ class SegVAE(nn.Module):
         b = mu.shape[0]
         eps = torch.randn((k, *mu.shape), device=mu.device, dtype=mu.dtype)
         z = (mu + torch.exp(0.5 * logvar) * eps).reshape(k * b, *mu.shape[1:])
-        h = trunk.detach().expand(k, *trunk.shape).reshape(k * b, *trunk.shape[1:])
-        grid = (out_size[0] // self.stride, out_size[1] // self.stride)
-        h = torch.cat([h, self._latent_map(z, grid, h.shape[-2:])], dim=1)
+        h = self._with_latent(trunk.detach().expand(k, *trunk.shape).reshape(k * b, *trunk.shape[1:]), z, out_size)
         weights = {name: p.detach() for name, p in self.head.named_parameters()}
         logits = torch.func.functional_call(self.head, weights, (h,))
         return logits.view(k, b, *logits.shape[1:])
