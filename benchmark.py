@@ -38,8 +38,8 @@ import dataset
 import train
 from checkpoint import build_model, load_checkpoint, save_checkpoint
 from evaluate import segment_image
-from model import SegVAE, VAEConfig, count_parameters
-from runtime import autocast, keep_freed_memory, pick_device, pick_precision
+from model import SegVAE, count_parameters
+from runtime import autocast, keep_freed_memory, memory_format, pick_device, pick_precision
 
 REPO = Path(__file__).resolve().parent
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -112,11 +112,16 @@ def train_args(args):
                            "--device", args.device, "--threads", str(args.threads)])
 
 
-def new_model(targs, table, device, channels_last=True):
-    config = VAEConfig(num_classes=table.num_classes, widths=tuple(targs.widths), latent_channels=targs.latent_channels,
-                       skip=bool(targs.skip), context=bool(targs.context), stochastic=bool(targs.stochastic))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return SegVAE(config).to(device, memory_format=fmt)
+def new_model(targs, table, device, channels_last=None):
+    """The recipe's model in train.py's memory format, or channels-last (True) or NCHW (False)."""
+    config = train.vae_config(targs, table.num_classes)
+    return SegVAE(config).to(device, memory_format=layout(device, channels_last))
+
+
+def layout(device, channels_last):
+    if channels_last is None:
+        return memory_format(device)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def sync(device):
@@ -175,7 +180,7 @@ def count_flops(model, size, device):
     """FLOPs per image of the training forward and of its backward (FlopCounterMode counts convs
     and matmuls; batch norm, activations and resampling are not counted)."""
     model.train()
-    x = torch.randn(1, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, *size, device=device).contiguous(memory_format=memory_format(device))
     with FlopCounterMode(display=False) as fwd:
         logits, mu, logvar = model(x)
     with FlopCounterMode(display=False) as bwd:
@@ -184,7 +189,7 @@ def count_flops(model, size, device):
     return fwd.get_total_flops(), bwd.get_total_flops()
 
 
-def training_setup(targs, table, class_weights, n_train, device, dtype, channels_last=True):
+def training_setup(targs, table, class_weights, n_train, device, dtype, channels_last=None):
     """Model, optimizer, schedule, ctx and state as train._main builds them (one process)."""
     torch.manual_seed(targs.seed)
     model = new_model(targs, table, device, channels_last)
@@ -201,12 +206,10 @@ def training_setup(targs, table, class_weights, n_train, device, dtype, channels
     return model, ctx, state
 
 
-def fixed_batch_step(targs, model, ctx, state, images, masks, channels_last=True):
+def fixed_batch_step(targs, model, ctx, state, images, masks, channels_last=None):
     """train.train_step on a normalized batch made once and reused: the training step itself,
     without the data path (indexing the cache, normalizing, augmenting)."""
-    x = dataset.normalize(images.to(ctx["device"]))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = dataset.normalize(images.to(ctx["device"])).contiguous(memory_format=layout(ctx["device"], channels_last))
     target = masks.to(ctx["device"]).long()
 
     def step():
@@ -251,15 +254,17 @@ def interleaved_times(args, steps, device):
 def lever_times(args, targs, table, images, masks, class_weights, device, dtype):
     """Median fixed-batch step time of the recipe's model with each speed lever switched off in
     turn (memory format, autocast dtype, threads) and with torch.compile, steps interleaved."""
-    variants = [("NCHW, fp32", False, None, 0, False), ("channels-last, fp32", True, None, 0, False)]
-    if dtype is not None:
-        variants += [(f"NCHW, {DTYPE_NAMES[dtype]}", False, dtype, 0, False)]
-    name = f"channels-last, {DTYPE_NAMES.get(dtype, 'fp32')}"
-    variants += [(name + " (the default)", True, dtype, 0, False)]
+    cl = memory_format(device) == torch.channels_last  # train.py's layout on this device
+    variants = []
+    for dt in [None] + ([dtype] if dtype is not None else []):  # fp32, and the training dtype
+        for fmt in (False, True):
+            label = f"{'channels-last' if fmt else 'NCHW'}, {DTYPE_NAMES.get(dt, 'fp32')}"
+            variants.append((label + (" (the default)" if (fmt, dt) == (cl, dtype) else ""), fmt, dt, 0, False))
+    name = f"{'channels-last' if cl else 'NCHW'}, {DTYPE_NAMES.get(dtype, 'fp32')}"
     if args.compile:
-        variants.append((name + ", torch.compile", True, dtype, 0, True))
+        variants.append((name + ", torch.compile", cl, dtype, 0, True))
     if device.type == "cpu" and torch.get_num_threads() > 1:
-        variants.append((name + ", 1 thread", True, dtype, 1, False))
+        variants.append((name + ", 1 thread", cl, dtype, 1, False))
     steps = {}
     for label, channels_last, dt, threads, compiled in variants:
         model, ctx, state = training_setup(targs, table, class_weights, len(images), device, dt, channels_last)
@@ -435,7 +440,7 @@ def report(args, res):
     for name, value, unit, meaning in rows:
         print(f"{name:<52}{value:>10.{1 if abs(value) >= 10 else 3}f}  {unit:<9}{meaning}")
     if "levers" in t:
-        base = t["levers"]["NCHW, fp32"]
+        base = next(sec for name, sec in t["levers"].items() if name.startswith("NCHW, fp32"))
         print(f"\nlevers: fixed-batch step, median of {args.lever_steps} interleaved steps "
               f"({t['levers_s']:.0f} s incl. compiling)\n{'variant':<52}{'ms/step':>10}  speed-up over NCHW fp32")
         for name, sec in t["levers"].items():

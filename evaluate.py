@@ -20,7 +20,7 @@ from ambiguity import VOID, flip_labels, flippable_classes, merge_flipped, mode_
 from dataset import normalize, resize_image
 from metrics import EnergyMeter, UncertaintyMeter, confusion_matrix, iou_distances, scores
 from model import active_channels, kl_loss, kl_per_dim, latent_channel_kl, segmentation_loss
-from runtime import autocast
+from runtime import autocast, memory_format
 
 
 # Validation images whose samples are drawn for the diversity: spread evenly over the split. On
@@ -85,7 +85,7 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
     for idx in progress(chunks, desc="val", leave=False) if progress else chunks:
         images = split.images[idx].to(device, non_blocking=True)
         target = split.masks[idx].to(device, non_blocking=True).long()
-        x = normalize(images).contiguous(memory_format=torch.channels_last)
+        x = normalize(images).contiguous(memory_format=memory_format(device))
         # the posterior's mask in the model's classes: flipped at random, seeded by the batch
         shown = flip_labels(target, torch.Generator().manual_seed(seed + idx[0]), flips) if flips else target
         shown = shown.masked_fill(shown == (VOID if flips else ignore_index), -1)  # void: no class

@@ -38,7 +38,7 @@ from evaluate import DIVERSITY_IMAGES, diversity_stride, evaluate, summarize
 from figures import plot_history
 from model import (INJECTIONS, LATENT_FORMS, PRIORS, SegVAE, VAEConfig, count_parameters, fair_brier_loss, kl_loss,
                    segmentation_loss)
-from runtime import autocast, keep_freed_memory, pick_device, pick_precision, set_threads
+from runtime import autocast, keep_freed_memory, memory_format, pick_device, pick_precision, set_threads
 
 DEFAULT_EPOCHS = 8
 
@@ -533,7 +533,8 @@ def train_one_epoch(model, train, state, args, ctx):
             images, target = dataset.cutmix(images, target, gen, args.cutmix)
         if ctx.get("flips"):
             target = flip_labels(target, gen, ctx["flips"])  # (B, h, w) in the 16 classes, void 255
-        stop = train_step(model, images.contiguous(memory_format=torch.channels_last), target, state, args, ctx)
+        images = images.contiguous(memory_format=memory_format(ctx["device"]))
+        stop = train_step(model, images, target, state, args, ctx)
         state["batch_in_epoch"] += 1
         bar.update()
         part = state["partial"]
@@ -625,6 +626,15 @@ def any_rank(ctx, *flags):
 def outputs_table(ctx):
     """The class table of the model's outputs: the data's, or with --label_flips the 16 classes."""
     return ctx.get("model_table") or ctx["table"]
+
+
+def vae_config(args, num_classes):
+    """The model that the model flags in `args` describe (ValueError if they do not fit together)."""
+    return VAEConfig(num_classes=num_classes, widths=tuple(args.widths), latent_channels=args.latent_channels,
+                     skip=bool(args.skip), context=bool(args.context), stochastic=bool(args.stochastic),
+                     prior=args.prior, latent_form=args.latent_form, latent_dim=args.latent_dim, inject=args.inject,
+                     head_convs=args.head_convs, input_norm=bool(args.input_norm),
+                     image_context=bool(args.image_context))
 
 
 def model_config(model):
@@ -790,14 +800,10 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
         names, colours = extended_classes(table.names, [c or (0, 0, 0) for c in table.colours], flips)
         model_table = dataset.ClassTable(names=names, colours=colours, ignore_index=FLIP_VOID)
     try:
-        config = VAEConfig(num_classes=model_table.num_classes, widths=tuple(args.widths),
-                           latent_channels=args.latent_channels, skip=bool(args.skip), context=bool(args.context),
-                           stochastic=bool(args.stochastic), prior=args.prior, latent_form=args.latent_form,
-                           latent_dim=args.latent_dim, inject=args.inject, head_convs=args.head_convs,
-                           input_norm=bool(args.input_norm), image_context=bool(args.image_context))
+        config = vae_config(args, model_table.num_classes)
     except ValueError as e:
         raise DataError(f"model flags: {e}") from None
-    raw_model = SegVAE(config).to(device, memory_format=torch.channels_last)
+    raw_model = SegVAE(config).to(device, memory_format=memory_format(device))
     torch.manual_seed(rank_seed(args.seed, rank))  # the same weights everywhere, each rank its own latent noise
     model = raw_model
     if world > 1:

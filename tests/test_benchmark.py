@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import run
 
@@ -26,7 +27,10 @@ def test_measurements_in_process(tiny_data, tmp_path):
         assert len(r[kind]["step_times_s"]) == 2 and r[kind]["step_s"] > 0
     assert r["peak_rss_mib"] >= r["rss_before_mib"] > 50 and r["cache_mib"] > 0 and r["decode_s"] > 0
     # NCHW and channels-last, in fp32 and (where the CPU has it) bf16; one thread already, so no 1-thread row
-    assert len(r["levers"]) == (4 if dtype else 2) and "NCHW, fp32" in r["levers"]
+    assert len(r["levers"]) == (4 if dtype else 2) and any(k.startswith("NCHW, fp32") for k in r["levers"])
+    default = [k for k in r["levers"] if k.endswith("(the default)")]  # train.py's layout and dtype, once
+    cl = benchmark.memory_format(device) == torch.channels_last
+    assert default == [f"{'channels-last' if cl else 'NCHW'}, {benchmark.DTYPE_NAMES.get(dtype, 'fp32')} (the default)"]
     assert all(v > 0 for v in r["levers"].values())
     i = benchmark.measure_inference(args, table, device, dtype, tmp_path)
     assert i["model_hw"] == [32, 48] and i["image_hw"] == [32, 48] and i["forward_ms"] > 0 and i["cli_s"] > 0

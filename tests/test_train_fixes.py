@@ -280,6 +280,18 @@ def test_threads_leave_the_cores_other_processes_keep_busy(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_memory_format_follows_the_measured_speed(monkeypatch):
+    """channels-last was 1.23x faster on an AVX-512 CPU and 1.14x slower on an AVX2 one (fp32):
+    the layout follows the CPU."""
+    import runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for isa, fmt in (("AVX512", torch.channels_last), ("AVX2", torch.contiguous_format),
+                     ("DEFAULT", torch.contiguous_format)):
+        monkeypatch.setattr(runtime.torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        assert runtime.memory_format(cpu) == fmt and runtime.memory_format(cuda) == torch.channels_last
+
+
 def test_freed_memory_is_kept_for_the_next_step():
     import platform
 
