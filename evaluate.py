@@ -82,10 +82,11 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
         energy = EnergyMeter(flippable_classes(flips) if flips else range(num_classes), (diversity_samples,))
         mode_probs = mode_table(flips)[1] if flips else None
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    layout = memory_format(device)
     for idx in progress(chunks, desc="val", leave=False) if progress else chunks:
         images = split.images[idx].to(device, non_blocking=True)
         target = split.masks[idx].to(device, non_blocking=True).long()
-        x = normalize(images).contiguous(memory_format=memory_format(device))
+        x = normalize(images).contiguous(memory_format=layout)
         # the posterior's mask in the model's classes: flipped at random, seeded by the batch
         shown = flip_labels(target, torch.Generator().manual_seed(seed + idx[0]), flips) if flips else target
         shown = shown.masked_fill(shown == (VOID if flips else ignore_index), -1)  # void: no class

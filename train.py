@@ -514,6 +514,7 @@ def train_one_epoch(model, train, state, args, ctx):
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     model.train()
     crop = tuple(args.crop_size) if args.crop_size else None
+    layout = memory_format(device)  # the model's: channels-last or NCHW, by the CPU
     fixed = (dict(scale=tuple(args.scale), rotate=args.rotate, jitter=args.jitter) if args.augment
              else dict(scale=(1, 1), flip=False, jitter=0))
     bar = tqdm(initial=state["batch_in_epoch"], total=len(batches), desc=f"epoch {state['epoch'] + 1}",
@@ -533,8 +534,7 @@ def train_one_epoch(model, train, state, args, ctx):
             images, target = dataset.cutmix(images, target, gen, args.cutmix)
         if ctx.get("flips"):
             target = flip_labels(target, gen, ctx["flips"])  # (B, h, w) in the 16 classes, void 255
-        images = images.contiguous(memory_format=memory_format(ctx["device"]))
-        stop = train_step(model, images, target, state, args, ctx)
+        stop = train_step(model, images.contiguous(memory_format=layout), target, state, args, ctx)
         state["batch_in_epoch"] += 1
         bar.update()
         part = state["partial"]
