@@ -122,10 +122,11 @@ def get_args(argv=None):
                    help="hidden 1x1 convs before the class logits (default: 1 with the learned prior, 0 otherwise)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, help=f"epochs to train (in total, also when resuming; default: "
-                   f"{DEFAULT_EPOCHS}, or what fits --time_budget)")
+                   f"{DEFAULT_EPOCHS}; with --time_budget, the most epochs the budget may plan)")
     o.add_argument("--time_budget", type=float, metavar="MINUTES",
                    help="fit the whole schedule (epochs, LR and KL warm-up, cosine decay) to this wall-clock "
-                   "budget for the whole run, measured from the first steps (default: none, --epochs)")
+                   "budget for the whole run, measured from the first steps; with --epochs N, N epochs or as "
+                   "many as fit, whichever is fewer (default: none, --epochs)")
     o.add_argument("--batch_size", type=int, default=8, help="images per step, per process")
     o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
     o.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -178,9 +179,6 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    if args.epochs is not None and args.time_budget is not None:
-        raise DataError(f"--epochs {args.epochs} and --time_budget {args.time_budget:g} both set the length of the "
-                        "run; give one of them")
     if args.ignore_index is not None and not 0 <= args.ignore_index <= 255:
         raise DataError(f"--ignore_index {args.ignore_index} must be in 0..255 (masks are stored as uint8); "
                         "give the void label of your masks, or leave it out")
@@ -285,8 +283,9 @@ def epochs_for_budget(budget_s, spent_s, epoch_s, safety=0.97):
 
 def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_start, out, steps=6, warmup=2):
     """--time_budget: time a few real training steps, a validation batch and a checkpoint save on
-    this machine, then plan as many epochs as fit the budget for the whole run. The model,
-    optimizer and RNG are put back as they were, so the run trains as if unmeasured."""
+    this machine, then plan as many epochs as fit the budget for the whole run (no more than
+    --epochs, where given). The model, optimizer and RNG are put back as they were, so the run
+    trains as if unmeasured."""
     saved = (copy.deepcopy(raw_model.state_dict()), copy.deepcopy(ctx["optimizer"].state_dict()),
              torch.get_rng_state())
     probe_ctx = dict(ctx, scheduler=types.SimpleNamespace(step=lambda: None), total_steps=1)
@@ -333,14 +332,16 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
     epoch_s = steps_per_epoch * step_s + val_s + save_s
     budget_s = 60 * args.time_budget
     spent = time.time() - t_start
-    epochs = epochs_for_budget(budget_s, spent, epoch_s)
+    fit = epochs_for_budget(budget_s, spent, epoch_s)
+    epochs = min(fit, args.epochs) if args.epochs else fit
     if ctx["world"] > 1:  # every rank must plan the same schedule: rank 0's
         e = torch.tensor([epochs], device=ctx["device"])
         dist.broadcast(e, 0)
         epochs = int(e)
     if ctx["is_main"]:
         print(f"time budget {args.time_budget:g} min: {step_s:.2f} s per step, {val_s:.1f} s per validation, "
-              f"{epoch_s:.0f} s per epoch, {spent:.0f} s spent before training -> {epochs} epochs")
+              f"{epoch_s:.0f} s per epoch, {spent:.0f} s spent before training -> {epochs} epochs"
+              + (f" (--epochs {args.epochs}; {fit} would fit)" if epochs < fit else ""))
     return fixed_plan(epochs, steps_per_epoch, ctx["world"], args, time_budget=args.time_budget)
 
 

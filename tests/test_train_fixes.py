@@ -164,9 +164,19 @@ def test_time_budget_plans_the_whole_schedule_and_resume_keeps_it(tiny_data, tmp
     assert json.loads((out / "config.json").read_text())["time_budget"] == 0.05
 
 
-def test_time_budget_and_epochs_are_exclusive(tiny_data, tmp_path):
-    r = run("train.py", *argv(tiny_data, tmp_path / "run", "--epochs", 3, "--time_budget", 5))
-    assert_refused(r, "--epochs 3", "--time_budget 5")
+def test_epochs_cap_what_the_budget_plans(tiny_data, tmp_path, monkeypatch):
+    """--epochs N --time_budget M: the budget's plan, but never more than N epochs, so one command
+    runs N epochs on a fast machine and ends in time on a slow one. A resume keeps the cap."""
+    out = tmp_path / "run"
+    state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5, "--epochs", 2)))
+    assert state["plan"]["epochs"] == 2 and state["plan"]["time_budget"] == 5  # 5 minutes fit far more
+    assert state["epoch"] == 2 and state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    r = run("train.py", *argv(tiny_data, out, "--time_budget", 5, "--epochs", 3, "--resume", "auto"))
+    assert_refused(r, "--epochs 2 (now 3)")
+    # where the cap is above what fits, the budget decides
+    monkeypatch.setattr(train, "epochs_for_budget", lambda *a, **k: 1)
+    state = train.main(train.get_args(argv(tiny_data, tmp_path / "slow", "--time_budget", 5, "--epochs", 2)))
+    assert state["plan"]["epochs"] == 1 and state["epoch"] == 1
 
 
 def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monkeypatch):
