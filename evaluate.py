@@ -20,7 +20,7 @@ from ambiguity import VOID, flip_labels, flippable_classes, merge_flipped, mode_
 from dataset import normalize, resize_image
 from metrics import EnergyMeter, UncertaintyMeter, confusion_matrix, iou_distances, scores
 from model import active_channels, kl_loss, kl_per_dim, latent_channel_kl, segmentation_loss
-from runtime import autocast, memory_format
+from runtime import autocast, layout_of
 
 
 # Validation images whose samples are drawn for the diversity: spread evenly over the split. On
@@ -82,7 +82,7 @@ def evaluate(model, split, *, num_classes, ignore_index, device, dtype, batch_si
         energy = EnergyMeter(flippable_classes(flips) if flips else range(num_classes), (diversity_samples,))
         mode_probs = mode_table(flips)[1] if flips else None
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    layout = memory_format(device)
+    layout = layout_of(model)  # the model's own: train.py's by the CPU, build_model's channels-last
     for idx in progress(chunks, desc="val", leave=False) if progress else chunks:
         images = split.images[idx].to(device, non_blocking=True)
         target = split.masks[idx].to(device, non_blocking=True).long()
@@ -295,7 +295,7 @@ class Predictor:
             x = torch.cat([x, x.flip(-1)])
             noise = None if noise is None else torch.cat([noise, noise], 1)  # (S, 2 B, global_dims)
         with torch.no_grad(), autocast(self.device, self.dtype):
-            logits = self.model.sample(x.contiguous(memory_format=torch.channels_last), self.samples,
+            logits = self.model.sample(x.contiguous(memory_format=layout_of(self.model)), self.samples,
                                        generator=self.generator, global_noise=noise).float()  # (S, F*B, C, h, w)
         if self.flip:
             plain, mirrored = logits.chunk(2, dim=1)

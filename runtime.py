@@ -50,6 +50,16 @@ def memory_format(device):
     return torch.channels_last
 
 
+def layout_of(model):
+    """The memory format the model's weights are in, for its inputs to match: train.py builds the
+    model in `memory_format(device)`, `checkpoint.build_model` in channels-last."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[-1] * p.shape[-2] > 1:  # a 1x1 kernel fits either layout
+            cl = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
+
+
 def autocast(device, dtype):
     """One autocast context for the whole project; a no-op for fp32 (dtype None)."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

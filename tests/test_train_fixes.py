@@ -302,6 +302,18 @@ def test_memory_format_follows_the_measured_speed(monkeypatch):
         assert runtime.memory_format(cpu) == fmt and runtime.memory_format(cuda) == torch.channels_last
 
 
+def test_inputs_follow_the_models_layout():
+    """evaluate and the Predictor lay their inputs out as the model's weights are: NCHW for the
+    model train.py builds on an AVX2 CPU, channels-last for checkpoint.build_model's."""
+    from model import SegVAE, VAEConfig
+    from runtime import layout_of
+
+    model = SegVAE(VAEConfig(num_classes=4, widths=(8, 16), latent_channels=4))
+    assert layout_of(model) == torch.contiguous_format
+    assert layout_of(model.to(memory_format=torch.channels_last)) == torch.channels_last
+    assert layout_of(model.to(memory_format=torch.contiguous_format)) == torch.contiguous_format
+
+
 def test_freed_memory_is_kept_for_the_next_step():
     import platform
 
