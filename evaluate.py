@@ -214,6 +214,7 @@ class Predictor:
     scales: tuple = (1.0,)  # test-time multi-scale: the image resized by each factor, logits averaged
 
     def __post_init__(self):
+        self.layout = layout_of(self.model)  # the inputs' memory format: the weights'
         self.restart()
 
     def restart(self):
@@ -295,7 +296,7 @@ class Predictor:
             x = torch.cat([x, x.flip(-1)])
             noise = None if noise is None else torch.cat([noise, noise], 1)  # (S, 2 B, global_dims)
         with torch.no_grad(), autocast(self.device, self.dtype):
-            logits = self.model.sample(x.contiguous(memory_format=layout_of(self.model)), self.samples,
+            logits = self.model.sample(x.contiguous(memory_format=self.layout), self.samples,
                                        generator=self.generator, global_noise=noise).float()  # (S, F*B, C, h, w)
         if self.flip:
             plain, mirrored = logits.chunk(2, dim=1)

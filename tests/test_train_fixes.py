@@ -303,8 +303,8 @@ def test_memory_format_follows_the_measured_speed(monkeypatch):
 
 
 def test_inputs_follow_the_models_layout():
-    """evaluate and the Predictor lay their inputs out as the model's weights are: NCHW for the
-    model train.py builds on an AVX2 CPU, channels-last for checkpoint.build_model's."""
+    """layout_of, the layout evaluate and the Predictor give their inputs, reads the weights': NCHW
+    for the model train.py builds on an AVX2 CPU, channels-last for checkpoint.build_model's."""
     from model import SegVAE, VAEConfig
     from runtime import layout_of
 
