@@ -330,19 +330,45 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
     ctx["optimizer"].load_state_dict(saved[1])
     torch.set_rng_state(saved[2])
     epoch_s = steps_per_epoch * step_s + val_s + save_s
-    budget_s = 60 * args.time_budget
     spent = time.time() - t_start
-    fit = epochs_for_budget(budget_s, spent, epoch_s)
-    epochs = min(fit, args.epochs) if args.epochs else fit
-    if ctx["world"] > 1:  # every rank must plan the same schedule: rank 0's
-        e = torch.tensor([epochs], device=ctx["device"])
-        dist.broadcast(e, 0)
-        epochs = int(e)
+    fit = epochs_for_budget(60 * args.time_budget, spent, epoch_s)
+    epochs = rank0_value(min(fit, args.epochs) if args.epochs else fit, ctx)
     if ctx["is_main"]:
         print(f"time budget {args.time_budget:g} min: {step_s:.2f} s per step, {val_s:.1f} s per validation, "
               f"{epoch_s:.0f} s per epoch, {spent:.0f} s spent before training -> {epochs} epochs"
               + (f" (--epochs {args.epochs}; {fit} would fit)" if epochs < fit else ""))
-    return fixed_plan(epochs, steps_per_epoch, ctx["world"], args, time_budget=args.time_budget)
+    return dict(fixed_plan(epochs, steps_per_epoch, ctx["world"], args, time_budget=args.time_budget),
+                save_s=save_s, probe_epochs=epochs)
+
+
+def replan_after_first_epoch(plan, epoch_s, spent_s, args, ctx):
+    """--time_budget, once the first epoch has run in one go: plan again with its measured time
+    (`epoch_s`, with the probe's estimate of the saves; `spent_s` is what start-up took before
+    it), since a few probe steps misjudge an epoch by 10-20% on a noisy machine. The plan is
+    changed in place, so the LR schedule follows at once: the steps taken keep their LR, the
+    cosine stretches or shrinks over the new total, and the warm-up keeps its length. Returns
+    the epochs now planned."""
+    epoch_s += plan["save_s"]
+    fit = epochs_for_budget(60 * plan["time_budget"], spent_s, epoch_s)
+    epochs = rank0_value(min(fit, args.epochs) if args.epochs else fit, ctx)
+    if ctx["is_main"]:
+        print(f"time budget {plan['time_budget']:g} min: the first epoch took {epoch_s:.0f} s with its saves "
+              f"-> {epochs} epochs" + (f" (the probe planned {plan['epochs']})" if epochs != plan["epochs"]
+                                       else ", as planned"), flush=True)
+    plan["epochs"] = epochs
+    plan["total_steps"] = epochs * plan["steps_per_epoch"]
+    ctx["total_steps"] = plan["total_steps"]
+    return epochs
+
+
+def rank0_value(n, ctx):
+    """Rank 0's integer on every rank (each rank measures its own clock; all must plan the same
+    schedule)."""
+    if ctx["world"] == 1:
+        return n
+    t = torch.tensor([n], device=ctx["device"])
+    dist.broadcast(t, 0)
+    return int(t)
 
 
 def median_frequency_weights(masks, num_classes, ignore_index):
@@ -825,7 +851,7 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
              "partial": new_partial(device), "stopped_by": None, "plan": None}
     ctx = {"device": device, "dtype": dtype, "table": table, "optimizer": optimizer, "scaler": scaler,
            "rank": rank, "world": world, "is_main": is_main, "size": size, "class_weights": class_weights,
-           "stop": stop, "flips": flips, "model_table": model_table}
+           "stop": stop, "flips": flips, "model_table": model_table, "t_start": t_start}
     ckpt = load_resume(resume, config, args, world, device) if resume else None
     if ckpt is not None:
         state["plan"] = ckpt["plan"]
@@ -905,6 +931,7 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
     epochs = state["plan"]["epochs"]
     while state["epoch"] < epochs:
         t0 = time.time()
+        whole = state["batch_in_epoch"] == 0  # not resumed partway
         train_one_epoch(model, train, state, args, ctx)
         part = all_reduce_sums(dict(state["partial"]), ctx["world"])
         n = float(part["images"]) or math.nan  # nan, not 0, when --skip_nonfinite skipped every step
@@ -942,6 +969,8 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
         improved = state["best_miou"] is None or score > state["best_miou"]
         if improved:
             state["best_miou"] = score
+        if state["epoch"] == 1 and whole and "save_s" in state["plan"]:  # before last.pt stores the plan
+            epochs = replan_after_first_epoch(state["plan"], row["seconds"], t0 - ctx["t_start"], args, ctx)
         if is_main:
             save_epoch(raw_model, state, args, ctx, out, improved)
             print(epoch_line(row, epochs))

@@ -183,6 +183,7 @@ def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monk
     """Planning by the clock must not change what is trained: a --time_budget run whose plan
     comes out at N epochs equals an --epochs N run (warm-up share and all)."""
     a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setattr(train, "replan_after_first_epoch", lambda plan, *a: plan["epochs"])  # the probe alone
     sa = train.main(train.get_args(argv(tiny_data, a, "--time_budget", 0.05)))
     epochs = sa["plan"]["epochs"]
     monkeypatch.setattr(train, "fixed_plan", _with_budget(train.fixed_plan, 0.05))
@@ -190,6 +191,45 @@ def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monk
     ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
     for name, t in ca["model"].items():
         assert torch.equal(t, cb["model"][name]), name
+
+
+@pytest.mark.parametrize("probe, measured, cap, expected", [(2, 4, None, 4), (4, 2, None, 2), (2, 9, 3, 3)])
+def test_first_epoch_corrects_the_budget_plan(tiny_data, tmp_path, monkeypatch, capsys, probe, measured, cap,
+                                              expected):
+    """The probe's plan is corrected once, by the first epoch's measured time: longer or shorter,
+    never past --epochs, and the run is still one whole schedule that last.pt records."""
+    calls = []
+
+    def fit(budget_s, spent_s, epoch_s, safety=0.97):
+        calls.append((budget_s, spent_s, epoch_s))
+        return probe if len(calls) == 1 else measured
+
+    monkeypatch.setattr(train, "epochs_for_budget", fit)
+    out = tmp_path / "run"
+    state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5,
+                                           *(["--epochs", cap] if cap else []))))
+    plan = state["plan"]
+    assert len(calls) == 2 and calls[1][0] == 300 and calls[1][2] > 0
+    assert plan["probe_epochs"] == probe and plan["epochs"] == expected == state["epoch"]
+    assert plan["total_steps"] == expected * plan["steps_per_epoch"] == state["step"]
+    assert plan["warmup_steps"] == max(1, int(0.03 * probe * plan["steps_per_epoch"]))  # the warm-up is kept
+    assert state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at the new end
+    assert load_checkpoint(out / "last.pt")["plan"] == plan
+    assert f"-> {expected} epochs (the probe planned {probe})" in capsys.readouterr().out
+
+
+def test_a_resumed_run_keeps_its_corrected_plan(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "epochs_for_budget", lambda *a, **k: 3)
+    train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5)))
+    ckpt = load_checkpoint(out / "last.pt")
+    ckpt["epoch"], ckpt["history"] = 1, ckpt["history"][:1]  # as if stopped after the first epoch
+    from checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt, out / "last.pt")
+    monkeypatch.setattr(train, "replan_after_first_epoch", lambda *a: pytest.fail("planned again on resume"))
+    state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5, "--resume", "auto")))
+    assert state["plan"] == ckpt["plan"] and state["epoch"] == 3
 
 
 def _with_budget(fixed_plan, budget):
