@@ -332,8 +332,7 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
     torch.set_rng_state(saved[2])
     epoch_s = steps_per_epoch * step_s + val_s + save_s
     spent = time.time() - t_start
-    fit = epochs_for_budget(60 * args.time_budget, spent, epoch_s)
-    epochs = rank0_value(min(fit, args.epochs) if args.epochs else fit, ctx)
+    fit, epochs = planned_epochs(args.time_budget, spent, epoch_s, args, ctx)
     if ctx["is_main"]:
         print(f"time budget {args.time_budget:g} min: {step_s:.2f} s per step, {val_s:.1f} s per validation, "
               f"{epoch_s:.0f} s per epoch, {spent:.0f} s spent before training -> {epochs} epochs"
@@ -350,8 +349,7 @@ def replan_after_first_epoch(plan, epoch_s, spent_s, args, ctx):
     cosine stretches or shrinks over the new total, and the warm-up keeps its length. Returns
     the epochs now planned."""
     epoch_s += plan["save_s"]
-    fit = epochs_for_budget(60 * plan["time_budget"], spent_s, epoch_s)
-    epochs = rank0_value(min(fit, args.epochs) if args.epochs else fit, ctx)
+    _, epochs = planned_epochs(plan["time_budget"], spent_s, epoch_s, args, ctx)
     if ctx["is_main"]:
         print(f"time budget {plan['time_budget']:g} min: the first epoch took {epoch_s:.0f} s with its saves "
               f"-> {epochs} epochs" + (f" (the probe planned {plan['epochs']})" if epochs != plan["epochs"]
@@ -362,14 +360,16 @@ def replan_after_first_epoch(plan, epoch_s, spent_s, args, ctx):
     return epochs
 
 
-def rank0_value(n, ctx):
-    """Rank 0's integer on every rank (each rank measures its own clock; all must plan the same
-    schedule)."""
-    if ctx["world"] == 1:
-        return n
-    t = torch.tensor([n], device=ctx["device"])
-    dist.broadcast(t, 0)
-    return int(t)
+def planned_epochs(minutes, spent_s, epoch_s, args, ctx):
+    """(epochs that fit the budget, epochs planned): the fit capped by --epochs, rank 0's on
+    every rank (each rank reads its own clock; all must plan the same schedule)."""
+    fit = epochs_for_budget(60 * minutes, spent_s, epoch_s)
+    epochs = min(fit, args.epochs) if args.epochs else fit
+    if ctx["world"] > 1:
+        t = torch.tensor([epochs], device=ctx["device"])
+        dist.broadcast(t, 0)
+        epochs = int(t)
+    return fit, epochs
 
 
 def median_frequency_weights(masks, num_classes, ignore_index):
