@@ -125,7 +125,7 @@ def get_args(argv=None):
                    f"{DEFAULT_EPOCHS}; with --time_budget, the most epochs the budget may plan)")
     o.add_argument("--time_budget", type=float, metavar="MINUTES",
                    help="fit the whole schedule (epochs, LR and KL warm-up, cosine decay) to this wall-clock "
-                   "budget for the whole run, measured from the first steps and corrected after the first "
+                   "budget for the whole run, measured from the first steps and corrected after the second "
                    "epoch; with --epochs N, N epochs or as many as fit, whichever is fewer (default: none, "
                    "--epochs)")
     o.add_argument("--batch_size", type=int, default=8, help="images per step, per process")
@@ -341,19 +341,26 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
                 save_s=save_s, probe_epochs=epochs)
 
 
-def replan_after_first_epoch(plan, epoch_s, spent_s, args, ctx):
-    """--time_budget, once the first epoch has run in one go: plan again with its measured time
-    (`epoch_s`, with the probe's estimate of the saves; `spent_s` is what start-up took before
-    it), since a few probe steps misjudge an epoch by 10-20% on a noisy machine. The plan is
-    changed in place, so the LR schedule follows at once: the steps taken keep their LR, the
-    cosine stretches or shrinks over the new total, and the warm-up keeps its length. Returns
-    the epochs now planned."""
-    epoch_s += plan["save_s"]
-    _, epochs = planned_epochs(plan["time_budget"], spent_s, epoch_s, args, ctx)
+def replan_after_second_epoch(plan, first_s, save_s, second_s, elapsed_s, args, ctx):
+    """--time_budget, once a fresh run's first two epochs have run in one process: plan again
+    with the second epoch's measured cost. A few probe steps misjudge an epoch by 10-20% on a
+    noisy CPU, and the first epoch carries one-time costs (cuDNN's autotuning, allocator growth:
+    on a GPU it took 2-3x the later ones), so the second is the first that shows what the rest
+    will take. `first_s` and `second_s` are the two epochs' training and validation, `save_s` the
+    first epoch's saves, `elapsed_s` the time since start-up at the end of the second validation.
+    An epoch from here costs `second_s + save_s`; what start-up and the first epoch's excess took
+    counts as spent, and the second epoch's saves as still due. The plan is changed in place, so
+    the LR schedule follows at once: the steps taken keep their LR, the cosine stretches or
+    shrinks over the new total, and the warm-up keeps its length. Returns the epochs now planned
+    (never fewer than the two run)."""
+    epoch_s = second_s + save_s
+    _, epochs = planned_epochs(plan["time_budget"], elapsed_s + save_s - 2 * epoch_s, epoch_s, args, ctx)
+    epochs = max(2, epochs)
     if ctx["is_main"]:
-        print(f"time budget {plan['time_budget']:g} min: the first epoch took {epoch_s:.0f} s with its saves "
-              f"-> {epochs} epochs" + (f" (the probe planned {plan['epochs']})" if epochs != plan["epochs"]
-                                       else ", as planned"), flush=True)
+        print(f"time budget {plan['time_budget']:g} min: the second epoch took {epoch_s:.1f} s with its saves "
+              f"(the first {first_s + save_s:.1f} s) -> {epochs} epochs"
+              + (f" (the probe planned {plan['epochs']})" if epochs != plan["epochs"] else ", as planned"),
+              flush=True)
     plan["epochs"] = epochs
     plan["total_steps"] = epochs * plan["steps_per_epoch"]
     ctx["total_steps"] = plan["total_steps"]
@@ -930,9 +937,12 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
 def train_loop(model, raw_model, train, val, state, args, ctx, out):
     is_main, device = ctx["is_main"], ctx["device"]
     epochs = state["plan"]["epochs"]
+    # --time_budget: a fresh run corrects its plan after its second epoch, from what this process
+    # measured of its first two (a resumed run keeps the plan it has: its start-up was elsewhere)
+    correct = state["epoch"] == 0 and state["batch_in_epoch"] == 0 and "save_s" in state["plan"]
+    first_s = save_s = 0.0
     while state["epoch"] < epochs:
         t0 = time.time()
-        whole = state["batch_in_epoch"] == 0  # not resumed partway
         train_one_epoch(model, train, state, args, ctx)
         part = all_reduce_sums(dict(state["partial"]), ctx["world"])
         n = float(part["images"]) or math.nan  # nan, not 0, when --skip_nonfinite skipped every step
@@ -970,10 +980,15 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
         improved = state["best_miou"] is None or score > state["best_miou"]
         if improved:
             state["best_miou"] = score
-        if state["epoch"] == 1 and whole and "save_s" in state["plan"]:  # before last.pt stores the plan
-            epochs = replan_after_first_epoch(state["plan"], row["seconds"], t0 - ctx["t_start"], args, ctx)
+        if correct and state["epoch"] == 2 and epochs > 2:  # before last.pt stores the plan
+            epochs = replan_after_second_epoch(state["plan"], first_s, save_s, row["seconds"],
+                                               time.time() - ctx["t_start"], args, ctx)
+        t_save = time.time()
         if is_main:
             save_epoch(raw_model, state, args, ctx, out, improved)
+        if state["epoch"] == 1:
+            first_s, save_s = row["seconds"], time.time() - t_save
+        if is_main:
             print(epoch_line(row, epochs))
             warning = collapse_warning(row, raw_model.config, state["step"] >= args.kl_warmup * ctx["total_steps"])
             if warning:

@@ -183,7 +183,7 @@ def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monk
     """Planning by the clock must not change what is trained: a --time_budget run whose plan
     comes out at N epochs equals an --epochs N run (warm-up share and all)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    monkeypatch.setattr(train, "replan_after_first_epoch", lambda plan, *a: plan["epochs"])  # the probe alone
+    monkeypatch.setattr(train, "replan_after_second_epoch", lambda plan, *a: plan["epochs"])  # the probe alone
     sa = train.main(train.get_args(argv(tiny_data, a, "--time_budget", 0.05)))
     epochs = sa["plan"]["epochs"]
     monkeypatch.setattr(train, "fixed_plan", _with_budget(train.fixed_plan, 0.05))
@@ -193,11 +193,13 @@ def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monk
         assert torch.equal(t, cb["model"][name]), name
 
 
-@pytest.mark.parametrize("probe, measured, cap, expected", [(2, 4, None, 4), (4, 2, None, 2), (2, 9, 3, 3)])
-def test_first_epoch_corrects_the_budget_plan(tiny_data, tmp_path, monkeypatch, capsys, probe, measured, cap,
-                                              expected):
-    """The probe's plan is corrected once, by the first epoch's measured time: longer or shorter,
-    never past --epochs, and the run is still one whole schedule that last.pt records."""
+@pytest.mark.parametrize("probe, measured, cap, expected", [(3, 5, None, 5), (5, 3, None, 3), (3, 9, 4, 4),
+                                                            (4, 1, None, 2)])
+def test_second_epoch_corrects_the_budget_plan(tiny_data, tmp_path, monkeypatch, capsys, probe, measured, cap,
+                                               expected):
+    """The probe's plan is corrected once, after the second epoch: longer or shorter, never past
+    --epochs nor under the two epochs run, and the run is still one whole schedule that last.pt
+    records."""
     calls = []
 
     def fit(budget_s, spent_s, epoch_s, safety=0.97):
@@ -209,27 +211,46 @@ def test_first_epoch_corrects_the_budget_plan(tiny_data, tmp_path, monkeypatch, 
     state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5,
                                            *(["--epochs", cap] if cap else []))))
     plan = state["plan"]
-    assert len(calls) == 2 and calls[1][0] == 300 and calls[1][2] > 0
+    assert len(calls) == 2 and calls[1][0] == 300
+    assert calls[1][2] >= state["history"][1]["seconds"] > 0  # the second epoch, with the first's saves
     assert plan["probe_epochs"] == probe and plan["epochs"] == expected == state["epoch"]
     assert plan["total_steps"] == expected * plan["steps_per_epoch"] == state["step"]
     assert plan["warmup_steps"] == max(1, int(0.03 * probe * plan["steps_per_epoch"]))  # the warm-up is kept
-    assert state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at the new end
+    if expected > 2:  # the cosine ends at the new end (a budget gone by the correction ends the run there)
+        assert state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert load_checkpoint(out / "last.pt")["plan"] == plan
     assert f"-> {expected} epochs (the probe planned {probe})" in capsys.readouterr().out
 
 
-def test_a_resumed_run_keeps_its_corrected_plan(tiny_data, tmp_path, monkeypatch):
+def test_the_correction_counts_the_first_epochs_excess_as_spent():
+    """Start-up 10 s; the first epoch 6 s and its saves 1 s; the second 2 s: from here an epoch
+    costs 3 s, 19 s have passed at the end of the second validation and its 1 s of saves is due,
+    so 2 + (0.97 * 300 - 19 - 1) // 3 = 92 epochs fit, where the first epoch's 7 s would plan 40."""
+    plan = {"time_budget": 5, "epochs": 50, "steps_per_epoch": 4, "total_steps": 200}
+    ctx = {"world": 1, "is_main": False}
+    args = types.SimpleNamespace(epochs=None)
+    assert train.replan_after_second_epoch(plan, 6, 1, 2, 19, args, ctx) == 92
+    assert plan["epochs"] == 92 and plan["total_steps"] == ctx["total_steps"] == 368
+    args.epochs = 60
+    assert train.replan_after_second_epoch(plan, 6, 1, 2, 19, args, ctx) == 60
+    # a budget already spent still keeps the two epochs run
+    assert train.replan_after_second_epoch(dict(plan, time_budget=0.3), 6, 1, 2, 19, args, ctx) == 2
+
+
+def test_a_resumed_run_keeps_its_plan(tiny_data, tmp_path, monkeypatch):
+    """A resume never plans again: not after the correction, nor before it (the first epoch ran
+    in another process, whose start-up this one cannot see)."""
     out = tmp_path / "run"
-    monkeypatch.setattr(train, "epochs_for_budget", lambda *a, **k: 3)
+    monkeypatch.setattr(train, "epochs_for_budget", lambda *a, **k: 4)
     train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5)))
     ckpt = load_checkpoint(out / "last.pt")
-    ckpt["epoch"], ckpt["history"] = 1, ckpt["history"][:1]  # as if stopped after the first epoch
     from checkpoint import save_checkpoint
 
-    save_checkpoint(ckpt, out / "last.pt")
-    monkeypatch.setattr(train, "replan_after_first_epoch", lambda *a: pytest.fail("planned again on resume"))
-    state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5, "--resume", "auto")))
-    assert state["plan"] == ckpt["plan"] and state["epoch"] == 3
+    monkeypatch.setattr(train, "replan_after_second_epoch", lambda *a: pytest.fail("planned again on resume"))
+    for stopped_after in (1, 2):
+        save_checkpoint(dict(ckpt, epoch=stopped_after, history=ckpt["history"][:stopped_after]), out / "last.pt")
+        state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5, "--resume", "auto")))
+        assert state["plan"] == ckpt["plan"] and state["epoch"] == 4
 
 
 def _with_budget(fixed_plan, budget):
