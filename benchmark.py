@@ -39,7 +39,7 @@ import train
 from checkpoint import build_model, load_checkpoint, save_checkpoint
 from evaluate import segment_image
 from model import SegVAE, count_parameters
-from runtime import autocast, keep_freed_memory, memory_format, pick_device, pick_precision
+from runtime import autocast, keep_freed_memory, memory_format, pick_device, pick_precision, precision_name
 
 REPO = Path(__file__).resolve().parent
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -539,7 +539,7 @@ def main(args):
     device, dtype = setup(args)
     cpu = f"{cpu_name()}, {torch.get_num_threads()} threads"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    print(f"device {device} ({name}), torch {torch.__version__}, training dtype {dtype or 'fp32'}")
+    print(f"device {device} ({name}), torch {torch.__version__}, training dtype {precision_name(dtype)}")
     config = {k: v for k, v in vars(args).items() if k not in ("argv", "_worker")}
     print("config: " + json.dumps(config))
     dataset.find_pairs(Path(args.camvid) / "train")  # a missing data folder fails here, with the fix

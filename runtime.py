@@ -23,6 +23,11 @@ def pick_device(name):
     return torch.device(name)
 
 
+def precision_name(dtype):
+    """The --precision name of an autocast dtype from pick_precision (None: fp32)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def pick_precision(name, device):
     """The autocast dtype, or None for fp32. auto: bf16 where the hardware has it (CUDA with
     bf16, or a CPU with AVX-512 bf16), else fp16 on CUDA, else fp32."""

@@ -37,7 +37,7 @@ from evaluate import RESOLUTIONS, Predictor, SplitScores, TemperatureFit, format
 from figures import (colourize, save_confusion, save_examples, save_figure, save_labels, save_map, save_reliability,
                      save_rgb, save_samples)
 from metrics import confusion_matrix, scores, uncertainty_maps
-from runtime import pick_device, pick_precision, set_threads
+from runtime import pick_device, pick_precision, precision_name, set_threads
 from sampling import SAMPLINGS, SampleScores, label_samples, sample_counts
 
 MAPS = {  # name -> (title, upper end of the colour scale from the class count; None: from the map)
@@ -490,7 +490,7 @@ def main(args):
     temperature = temperature_for(ckpt, predictor)
     size = "x".join(map(str, ckpt["image_size"]))
     print(f"{args.model_path}: epoch {ckpt.get('epoch', '?')}, trained at {size}; {predictor.settings()}, "
-          f"temperature {temperature:.3f}; {device.type}, {str(dtype or torch.float32).replace('torch.', '')}, "
+          f"temperature {temperature:.3f}; {device.type}, {precision_name(dtype)}, "
           f"{torch.get_num_threads()} threads; output {args.output_dir}")
     result = None
     if args.test_image_path:

@@ -38,7 +38,8 @@ from evaluate import DIVERSITY_IMAGES, diversity_stride, evaluate, summarize
 from figures import plot_history
 from model import (INJECTIONS, LATENT_FORMS, PRIORS, SegVAE, VAEConfig, count_parameters, fair_brier_loss, kl_loss,
                    segmentation_loss)
-from runtime import autocast, keep_freed_memory, memory_format, pick_device, pick_precision, set_threads
+from runtime import (autocast, keep_freed_memory, memory_format, pick_device, pick_precision, precision_name,
+                     set_threads)
 
 DEFAULT_EPOCHS = 8
 
@@ -901,7 +902,7 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
             print(f"label flips: {', '.join(f'{table.names[f.source]} -> {f.name} ({f.probability})' for f in flips)}; "
                   f"the model has {model_table.num_classes} classes (void {FLIP_VOID}); validation merges each "
                   "second version into its class")
-        print(f"device {device}, precision {dtype or 'fp32'}, {world} process(es), "
+        print(f"device {device}, precision {precision_name(dtype)}, {world} process(es), "
               f"{torch.get_num_threads()} threads, output {out}")
         print(f"schedule: {plan['epochs']} epochs, {plan['total_steps']} steps"
               + (f", fitted to a {plan['time_budget']:g}-minute budget" if plan.get("time_budget") else ""))

@@ -12,6 +12,7 @@ from conftest import TINY_MODEL, assert_refused, run
 import train
 from checkpoint import build_model, load_checkpoint
 from dataset import DataError
+from runtime import pick_precision, precision_name
 
 RUN = [*TINY_MODEL, "--precision", "fp32"]
 
@@ -251,6 +252,13 @@ def test_a_resumed_run_keeps_its_plan(tiny_data, tmp_path, monkeypatch):
         save_checkpoint(dict(ckpt, epoch=stopped_after, history=ckpt["history"][:stopped_after]), out / "last.pt")
         state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5, "--resume", "auto")))
         assert state["plan"] == ckpt["plan"] and state["epoch"] == 4
+
+
+def test_the_logs_name_the_precision_as_the_flag_does():
+    cpu = torch.device("cpu")
+    for name in ("fp32", "bf16"):
+        assert precision_name(pick_precision(name, cpu)) == name
+    assert precision_name(torch.float16) == "fp16"  # what CUDA without bf16 gets
 
 
 def _with_budget(fixed_plan, budget):
