@@ -344,22 +344,22 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
 
 def replan_after_second_epoch(plan, first_s, save_s, second_s, elapsed_s, args, ctx):
     """--time_budget, once a fresh run's first two epochs have run in one process: plan again
-    with the second epoch's measured cost. A few probe steps misjudge an epoch by 10-20% on a
-    noisy CPU, and the first epoch carries one-time costs (cuDNN's autotuning, allocator growth:
-    on a GPU it took 2-3x the later ones), so the second is the first that shows what the rest
-    will take. `first_s` and `second_s` are the two epochs' training and validation, `save_s` the
-    first epoch's saves, `elapsed_s` the time since start-up at the end of the second validation.
-    An epoch from here costs `second_s + save_s`; what start-up and the first epoch's excess took
-    counts as spent, and the second epoch's saves as still due. The plan is changed in place, so
-    the LR schedule follows at once: the steps taken keep their LR, the cosine stretches or
-    shrinks over the new total, and the warm-up keeps its length. Returns the epochs now planned
-    (never fewer than the two run)."""
-    epoch_s = second_s + save_s
+    with what an epoch costs, the faster of the two (each with the first epoch's saves). A few
+    probe steps misjudge an epoch by 10-20% on a noisy CPU; the first epoch carries one-time
+    costs (cuDNN's autotuning, allocator growth: on a GPU it took 2-3x the later ones), and
+    either may be slowed by a passing load. `first_s` and `second_s` are the two epochs'
+    training and validation, `save_s` the first epoch's saves, `elapsed_s` the time since
+    start-up at the end of the second validation. What start-up and the slower epoch's excess
+    took counts as spent, and the second epoch's saves as still due. The plan is changed in
+    place, so the LR schedule follows at once: the steps taken keep their LR, the cosine
+    stretches or shrinks over the new total, and the warm-up keeps its length. Returns the
+    epochs now planned (never fewer than the two run)."""
+    epoch_s = min(first_s, second_s) + save_s
     _, epochs = planned_epochs(plan["time_budget"], elapsed_s + save_s - 2 * epoch_s, epoch_s, args, ctx)
     epochs = max(2, epochs)
     if ctx["is_main"]:
-        print(f"time budget {plan['time_budget']:g} min: the second epoch took {epoch_s:.1f} s with its saves "
-              f"(the first {first_s + save_s:.1f} s) -> {epochs} epochs"
+        print(f"time budget {plan['time_budget']:g} min: the first two epochs took {first_s + save_s:.1f} s and "
+              f"{second_s + save_s:.1f} s with their saves -> {epochs} epochs"
               + (f" (the probe planned {plan['epochs']})" if epochs != plan["epochs"] else ", as planned"),
               flush=True)
     plan["epochs"] = epochs
