@@ -42,7 +42,6 @@ from model import SegVAE, count_parameters
 from runtime import autocast, keep_freed_memory, memory_format, pick_device, pick_precision, precision_name
 
 REPO = Path(__file__).resolve().parent
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def get_args(argv=None):
@@ -258,9 +257,9 @@ def lever_times(args, targs, table, images, masks, class_weights, device, dtype)
     variants = []
     for dt in [None] + ([dtype] if dtype is not None else []):  # fp32, and the training dtype
         for fmt in (False, True):
-            label = f"{'channels-last' if fmt else 'NCHW'}, {DTYPE_NAMES.get(dt, 'fp32')}"
+            label = f"{'channels-last' if fmt else 'NCHW'}, {precision_name(dt)}"
             variants.append((label + (" (the default)" if (fmt, dt) == (cl, dtype) else ""), fmt, dt, 0, False))
-    name = f"{'channels-last' if cl else 'NCHW'}, {DTYPE_NAMES.get(dtype, 'fp32')}"
+    name = f"{'channels-last' if cl else 'NCHW'}, {precision_name(dtype)}"
     if args.compile:
         variants.append((name + ", torch.compile", cl, dtype, 0, True))
     if device.type == "cpu" and torch.get_num_threads() > 1:

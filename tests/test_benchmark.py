@@ -8,6 +8,7 @@ import torch
 from conftest import run
 
 import benchmark
+from runtime import precision_name
 
 TINY = ["--image_size", "32", "48", "--widths", "8", "16", "--latent_channels", "4", "--batch_size", "4",
         "--threads", "1", "--steps", "2", "--warmup", "1", "--peak_conv", "8", "8", "8", "--cli_runs", "1"]
@@ -30,7 +31,7 @@ def test_measurements_in_process(tiny_data, tmp_path):
     assert len(r["levers"]) == (4 if dtype else 2) and any(k.startswith("NCHW, fp32") for k in r["levers"])
     default = [k for k in r["levers"] if k.endswith("(the default)")]  # train.py's layout and dtype, once
     cl = benchmark.memory_format(device) == torch.channels_last
-    assert default == [f"{'channels-last' if cl else 'NCHW'}, {benchmark.DTYPE_NAMES.get(dtype, 'fp32')} (the default)"]
+    assert default == [f"{'channels-last' if cl else 'NCHW'}, {precision_name(dtype)} (the default)"]
     assert all(v > 0 for v in r["levers"].values())
     i = benchmark.measure_inference(args, table, device, dtype, tmp_path)
     assert i["model_hw"] == [32, 48] and i["image_hw"] == [32, 48] and i["forward_ms"] > 0 and i["cli_s"] > 0
