@@ -472,6 +472,8 @@ def get_args(argv=None):
         raise DataError("--calibrate needs --test_path: the labelled split (val) to fit the temperature on")
     if args.save_predictions and not args.test_path:
         raise DataError("--save_predictions is for --test_path; --test_image_path always writes each image's masks")
+    if args.test_image_path:
+        expand_image_paths(args.test_image_path)  # a path that matches nothing fails before the model loads
     if args.output_dir is None:
         args.output_dir = str(default_output_dir(args.model_path))
     return args

@@ -484,6 +484,11 @@ def test_refused_in_one_line(refusals, name):
     assert_refused(r, *names)
 
 
+def test_a_missing_image_is_refused_before_the_model_loads(refusals):
+    r, _ = refusals["test_image_missing"]
+    assert r.stdout == "", f"printed before the refusal:\n{r.stdout}"
+
+
 # --- converted and working, not errors -----------------------------------------------------
 
 
