@@ -353,10 +353,11 @@ def replan_after_second_epoch(plan, first_s, save_s, second_s, elapsed_s, args, 
     took counts as spent, and the second epoch's saves as still due. The plan is changed in
     place, so the LR schedule follows at once: the steps taken keep their LR, the cosine
     stretches or shrinks over the new total, and the warm-up keeps its length. Returns the
-    epochs now planned (never fewer than the two run)."""
+    epochs now planned: never fewer than three, so that a budget already spent still ends on a
+    finished cosine, one epoch late."""
     epoch_s = min(first_s, second_s) + save_s
     _, epochs = planned_epochs(plan["time_budget"], elapsed_s + save_s - 2 * epoch_s, epoch_s, args, ctx)
-    epochs = max(2, epochs)
+    epochs = max(3, epochs)
     if ctx["is_main"]:
         print(f"time budget {plan['time_budget']:g} min: the first two epochs took {first_s + save_s:.1f} s and "
               f"{second_s + save_s:.1f} s with their saves -> {epochs} epochs"

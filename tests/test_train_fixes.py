@@ -195,12 +195,12 @@ def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monk
 
 
 @pytest.mark.parametrize("probe, measured, cap, expected", [(3, 5, None, 5), (5, 3, None, 3), (3, 9, 4, 4),
-                                                            (4, 1, None, 2)])
+                                                            (4, 1, None, 3)])
 def test_second_epoch_corrects_the_budget_plan(tiny_data, tmp_path, monkeypatch, capsys, probe, measured, cap,
                                                expected):
     """The probe's plan is corrected once, after the second epoch: longer or shorter, never past
-    --epochs nor under the two epochs run, and the run is still one whole schedule that last.pt
-    records."""
+    --epochs nor under three (a budget spent by the second epoch still gets a finished cosine),
+    and the run is still one whole schedule that last.pt records."""
     calls = []
 
     def fit(budget_s, spent_s, epoch_s, safety=0.97):
@@ -218,8 +218,7 @@ def test_second_epoch_corrects_the_budget_plan(tiny_data, tmp_path, monkeypatch,
     assert plan["probe_epochs"] == probe and plan["epochs"] == expected == state["epoch"]
     assert plan["total_steps"] == expected * plan["steps_per_epoch"] == state["step"]
     assert plan["warmup_steps"] == max(1, int(0.03 * probe * plan["steps_per_epoch"]))  # the warm-up is kept
-    if expected > 2:  # the cosine ends at the new end (a budget gone by the correction ends the run there)
-        assert state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at the new end
     assert load_checkpoint(out / "last.pt")["plan"] == plan
     assert f"-> {expected} epochs (the probe planned {probe})" in capsys.readouterr().out
 
@@ -237,8 +236,8 @@ def test_the_correction_counts_the_slower_epochs_excess_as_spent():
     assert train.replan_after_second_epoch(plan, 2, 1, 6, 19, args, ctx) == 92
     args.epochs = 60
     assert train.replan_after_second_epoch(plan, 6, 1, 2, 19, args, ctx) == 60
-    # a budget already spent still keeps the two epochs run
-    assert train.replan_after_second_epoch(dict(plan, time_budget=0.3), 6, 1, 2, 19, args, ctx) == 2
+    # a budget already spent still gets one more epoch, to finish the cosine
+    assert train.replan_after_second_epoch(dict(plan, time_budget=0.3), 6, 1, 2, 19, args, ctx) == 3
 
 
 def test_a_resumed_run_keeps_its_plan(tiny_data, tmp_path, monkeypatch):
