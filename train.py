@@ -339,7 +339,7 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
               f"{epoch_s:.0f} s per epoch, {spent:.0f} s spent before training -> {epochs} epochs"
               + (f" (--epochs {args.epochs}; {fit} would fit)" if epochs < fit else ""))
     return dict(fixed_plan(epochs, steps_per_epoch, ctx["world"], args, time_budget=args.time_budget),
-                save_s=save_s, probe_epochs=epochs)
+                probe_epochs=epochs)
 
 
 def replan_after_second_epoch(plan, first_s, save_s, second_s, elapsed_s, args, ctx):
@@ -941,7 +941,7 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
     epochs = state["plan"]["epochs"]
     # --time_budget: a fresh run corrects its plan after its second epoch, from what this process
     # measured of its first two (a resumed run keeps the plan it has: its start-up was elsewhere)
-    correct = state["epoch"] == 0 and state["batch_in_epoch"] == 0 and "save_s" in state["plan"]
+    correct = state["epoch"] == 0 and state["batch_in_epoch"] == 0 and bool(state["plan"].get("time_budget"))
     first_s = save_s = 0.0
     while state["epoch"] < epochs:
         t0 = time.time()
@@ -988,13 +988,12 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
         t_save = time.time()
         if is_main:
             save_epoch(raw_model, state, args, ctx, out, improved)
-        if state["epoch"] == 1:
-            first_s, save_s = row["seconds"], time.time() - t_save
-        if is_main:
             print(epoch_line(row, epochs))
             warning = collapse_warning(row, raw_model.config, state["step"] >= args.kl_warmup * ctx["total_steps"])
             if warning:
                 print(warning, flush=True)
+        if state["epoch"] == 1:  # every rank: each plans from its own clock, and rank 0's plan wins
+            first_s, save_s = row["seconds"], time.time() - t_save
         if any_rank(ctx, ctx["stop"]["signal"] is not None)[0] and state["epoch"] < epochs:
             raise StopRequested(ctx["stop"]["signal"] or "another rank's signal")  # came during validation
 

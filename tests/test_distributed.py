@@ -92,3 +92,18 @@ def test_sigterm_stops_both_ranks_and_resume_finishes(uneven_data, tmp_path):
     assert f"{ckpt['batch_in_epoch']} batches into epoch 1" in r.stdout
     assert epochs_of(metrics_rows(out)) == [1, 2]
     assert load_checkpoint(out / "last.pt")["step"] == 8
+
+
+def test_two_ranks_correct_a_time_budget_to_one_plan(uneven_data, tmp_path):
+    """--time_budget under torchrun: each rank times its own first two epochs, and the correction
+    all ranks follow is rank 0's (a rank on another plan would hang the next all-reduce)."""
+    out = tmp_path / "run"
+    r = subprocess.run(torchrun(*train_args(uneven_data, out, "--time_budget", 0.5, "--epochs", 4)), cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(re.findall(r"^time budget 0.5 min: the first two epochs took .* -> 4 epochs", r.stdout, re.M)) == 1, \
+        r.stdout
+    for rank in (0, 1):  # 4 epochs of 2 steps on each rank
+        assert re.search(rf"^rank {rank} of 2: trained to step 8 on 4 of 7 images per epoch$", r.stdout, re.M), r.stdout
+    assert epochs_of(metrics_rows(out)) == [1, 2, 3, 4]
+    assert load_checkpoint(out / "last.pt")["plan"]["epochs"] == 4
