@@ -169,8 +169,8 @@ def test_epochs_cap_what_the_budget_plans(tiny_data, tmp_path, monkeypatch):
     """--epochs N --time_budget M: the budget's plan, but never more than N epochs, so one command
     runs N epochs on a fast machine and ends in time on a slow one. A resume keeps the cap."""
     out = tmp_path / "run"
-    # 5 minutes fit far more, however busy the machine (a probe at nice 19 beside a training run
-    # once measured epochs of minutes): the fit is fixed, so the cap alone decides
+    # 5 minutes fit far more, however busy the machine (beside a training run a few probe steps
+    # can take minutes): the fit is fixed, so the cap alone decides
     monkeypatch.setattr(train, "epochs_for_budget", lambda *a, **k: 50)
     state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5, "--epochs", 2)))
     assert state["plan"]["epochs"] == 2 and state["plan"]["time_budget"] == 5
