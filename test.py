@@ -112,7 +112,8 @@ def prepare_output(args, predictor):
             raise DataError(f"output folder {out} holds the outputs of checkpoint {earlier} ({config_path}); "
                             f"give another --output_dir for {args.model_path}, or remove the folder")
     existing = {p for p in out.iterdir() if p.is_file() and p.name != CONFIG_FILE}
-    write_json(config_path, {**vars(args), "checkpoint": checkpoint, "settings": predictor.settings(),
+    flags = {k: v for k, v in vars(args).items() if k != "image_paths"}  # the flags, not what they matched
+    write_json(config_path, {**flags, "checkpoint": checkpoint, "settings": predictor.settings(),
                              "threads": torch.get_num_threads()})
     return out, existing
 
@@ -255,7 +256,7 @@ def run_images(args, ckpt, predictor, temperature):
     """Segment each image: class-index and colour masks, figure and, with --samples > 1,
     uncertainty maps (PNG with colour bar and .npy) and the grid of the sampled segmentations
     per image, and uncertainty_ranking.csv."""
-    paths = expand_image_paths(args.test_image_path)
+    paths = args.image_paths
     if args.mask_path and len(paths) > 1:
         raise DataError(f"--mask_path {' '.join(args.mask_path)} names one image's mask(s) but --test_image_path "
                         f"{args.test_image_path} matches {len(paths)} images; give a single image")
@@ -472,8 +473,8 @@ def get_args(argv=None):
         raise DataError("--calibrate needs --test_path: the labelled split (val) to fit the temperature on")
     if args.save_predictions and not args.test_path:
         raise DataError("--save_predictions is for --test_path; --test_image_path always writes each image's masks")
-    if args.test_image_path:
-        expand_image_paths(args.test_image_path)  # a path that matches nothing fails before the model loads
+    # a path that matches nothing fails here, before the model loads
+    args.image_paths = expand_image_paths(args.test_image_path) if args.test_image_path else []
     if args.output_dir is None:
         args.output_dir = str(default_output_dir(args.model_path))
     return args

@@ -186,13 +186,14 @@ def check_args(args):
                         "give the void label of your masks, or leave it out")
     if args.keep_epochs < -1:
         raise DataError(f"--keep_epochs {args.keep_epochs} must be -1 (keep all), 0 or more")
-    positive = {"epochs": args.epochs, "time_budget": args.time_budget, "batch_size": args.batch_size,
-                "eval_batch_size": args.eval_batch_size, "latent_channels": args.latent_channels, "lr": args.lr}
-    for name, value in positive.items():
+    positive = {"epochs": "100", "time_budget": "20 (minutes)", "batch_size": "8", "eval_batch_size": "8",
+                "latent_channels": "32", "lr": "2e-3"}  # name -> an example of a value to give
+    for name, example in positive.items():
+        value = getattr(args, name)
         if value is None:  # --epochs / --time_budget left out
             continue
         if not value > 0:
-            raise DataError(f"--{name} {value} must be greater than 0")
+            raise DataError(f"--{name} {value} must be greater than 0, e.g. --{name} {example}")
     for name in ("kl_weight", "free_bits", "calibration", "grad_clip", "weight_decay", "skip_nonfinite", "threads",
                  "workers"):
         if getattr(args, name) < 0:

@@ -196,6 +196,11 @@ def epochs_negative(root, run_dir):
 
 
 @case
+def time_budget_negative(root, run_dir):
+    return train_cmd(root, split(root), "--time_budget", -5), ["--time_budget -5", "e.g. --time_budget 20"]
+
+
+@case
 def negative_learning_rate(root, run_dir):
     return train_cmd(root, split(root), "--lr", -0.1), ["--lr -0.1"]
 
