@@ -112,8 +112,7 @@ def prepare_output(args, predictor):
             raise DataError(f"output folder {out} holds the outputs of checkpoint {earlier} ({config_path}); "
                             f"give another --output_dir for {args.model_path}, or remove the folder")
     existing = {p for p in out.iterdir() if p.is_file() and p.name != CONFIG_FILE}
-    flags = {k: v for k, v in vars(args).items() if k != "image_paths"}  # the flags, not what they matched
-    write_json(config_path, {**flags, "checkpoint": checkpoint, "settings": predictor.settings(),
+    write_json(config_path, {**vars(args), "checkpoint": checkpoint, "settings": predictor.settings(),
                              "threads": torch.get_num_threads()})
     return out, existing
 
@@ -252,11 +251,10 @@ def save_prediction(out_dir, name, pred, pal, table):
     return paths
 
 
-def run_images(args, ckpt, predictor, temperature):
-    """Segment each image: class-index and colour masks, figure and, with --samples > 1,
+def run_images(args, paths, ckpt, predictor, temperature):
+    """Segment each image in `paths`: class-index and colour masks, figure and, with --samples > 1,
     uncertainty maps (PNG with colour bar and .npy) and the grid of the sampled segmentations
     per image, and uncertainty_ranking.csv."""
-    paths = args.image_paths
     if args.mask_path and len(paths) > 1:
         raise DataError(f"--mask_path {' '.join(args.mask_path)} names one image's mask(s) but --test_image_path "
                         f"{args.test_image_path} matches {len(paths)} images; give a single image")
@@ -473,14 +471,14 @@ def get_args(argv=None):
         raise DataError("--calibrate needs --test_path: the labelled split (val) to fit the temperature on")
     if args.save_predictions and not args.test_path:
         raise DataError("--save_predictions is for --test_path; --test_image_path always writes each image's masks")
-    # a path that matches nothing fails here, before the model loads
-    args.image_paths = expand_image_paths(args.test_image_path) if args.test_image_path else []
     if args.output_dir is None:
         args.output_dir = str(default_output_dir(args.model_path))
     return args
 
 
 def main(args):
+    # a path that matches nothing fails first, before the model loads
+    paths = expand_image_paths(args.test_image_path) if args.test_image_path else []
     note = set_threads(args.threads)
     if note:
         print(note)
@@ -497,7 +495,7 @@ def main(args):
           f"{torch.get_num_threads()} threads; output {args.output_dir}")
     result = None
     if args.test_image_path:
-        run_images(args, ckpt, predictor, temperature)
+        run_images(args, paths, ckpt, predictor, temperature)
     if args.test_path:
         result = run_split(args, ckpt, predictor, temperature)
     return result
