@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 import types
@@ -126,8 +127,8 @@ def get_args(argv=None):
                    f"{DEFAULT_EPOCHS}; with --time_budget, the most epochs the budget may plan)")
     o.add_argument("--time_budget", type=float, metavar="MINUTES",
                    help="fit the whole schedule (epochs, LR and KL warm-up, cosine decay) to this wall-clock "
-                   "budget for the whole run, measured from the first steps and corrected after the second "
-                   "epoch; with --epochs N, N epochs or as many as fit, whichever is fewer (default: none, "
+                   "budget for the whole run, measured from the first steps, corrected after the second "
+                   "epoch and again whenever the epochs drift; with --epochs N, N epochs or as many as fit, whichever is fewer (default: none, "
                    "--epochs)")
     o.add_argument("--batch_size", type=int, default=8, help="images per step, per process")
     o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
@@ -243,12 +244,19 @@ def check_args(args):
 # schedules (pure)
 
 
-def lr_at(step, total_steps, warmup_steps):
+def lr_at(step, total_steps, warmup_steps, anchor=None):
     """LR multiplier: linear warm-up, then cosine decay to 0 (Loshchilov & Hutter 2017)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 0.5 * (1.0 + math.cos(math.pi * cosine_progress(step, total_steps, warmup_steps, anchor)))
+
+
+def cosine_progress(step, total_steps, warmup_steps, anchor=None):
+    """How far the cosine has come at `step`, 0 to 1. `anchor` = (step, progress) is where a
+    --time_budget run last changed its plan: from there the rest of the cosine spans the steps
+    now left, so the LR goes on from the value it had, never jumps."""
+    start, done = anchor or (warmup_steps, 0.0)
+    return min(1.0, done + (1.0 - done) * (step - start) / max(1, total_steps - start))
 
 
 def kl_weight_at(step, total_steps, beta, warmup_share):
@@ -334,52 +342,78 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
     torch.set_rng_state(saved[2])
     epoch_s = steps_per_epoch * step_s + val_s + save_s
     spent = time.time() - t_start
-    fit, epochs = planned_epochs(args.time_budget, spent, epoch_s, args, ctx)
+    fit, epochs = planned_epochs(args.time_budget, spent, epoch_s, args)
+    epochs = agreed(epochs, ctx)
     if ctx["is_main"]:
         print(f"time budget {args.time_budget:g} min: {step_s:.2f} s per step, {val_s:.1f} s per validation, "
               f"{epoch_s:.0f} s per epoch, {spent:.0f} s spent before training -> {epochs} epochs"
               + (f" (--epochs {args.epochs}; {fit} would fit)" if epochs < fit else ""))
     return dict(fixed_plan(epochs, steps_per_epoch, ctx["world"], args, time_budget=args.time_budget),
-                probe_epochs=epochs)
+                probe_epochs=epochs, spent_s=0.0)
 
 
-def replan_after_second_epoch(plan, first_s, save_s, second_s, elapsed_s, args, ctx):
-    """--time_budget, once a fresh run's first two epochs have run in one process: plan again
-    with what an epoch costs, the faster of the two (each with the first epoch's saves). A few
-    probe steps misjudge an epoch by 10-20% on a noisy CPU; the first epoch carries one-time
-    costs (cuDNN's autotuning, allocator growth: on a GPU it took 2-3x the later ones), and
-    either may be slowed by a passing load. `first_s` and `second_s` are the two epochs'
-    training and validation, `save_s` the first epoch's saves, `elapsed_s` the time since
-    start-up at the end of the second validation. What start-up and the slower epoch's excess
-    took counts as spent, and the second epoch's saves as still due. The plan is changed in
-    place, so the LR schedule follows at once: the steps taken keep their LR, the cosine
-    stretches or shrinks over the new total, and the warm-up keeps its length. Returns the
-    epochs now planned: never fewer than three, so that a budget already spent still ends on a
-    finished cosine, one epoch late."""
-    epoch_s = min(first_s, second_s) + save_s
-    _, epochs = planned_epochs(plan["time_budget"], elapsed_s + save_s - 2 * epoch_s, epoch_s, args, ctx)
-    epochs = max(3, epochs)
-    if ctx["is_main"]:
-        print(f"time budget {plan['time_budget']:g} min: the first two epochs took {first_s + save_s:.1f} s and "
-              f"{second_s + save_s:.1f} s with their saves -> {epochs} epochs"
-              + (f" (the probe planned {plan['epochs']})" if epochs != plan["epochs"] else ", as planned"),
-              flush=True)
-    plan["epochs"] = epochs
-    plan["total_steps"] = epochs * plan["steps_per_epoch"]
-    ctx["total_steps"] = plan["total_steps"]
+def replan(plan, done, seconds, save_s, elapsed_s, args, ctx):
+    """--time_budget, after each whole epoch from the second that this process has run: plan the
+    rest of the run again with what its epochs cost, and return the epochs now planned.
+
+    `seconds` are this process's whole epochs' training and validation times, `save_s` its last
+    epoch's saves (the current epoch's are still due), `elapsed_s` the budget spent so far (what
+    earlier processes of a resumed run spent, then this one's start-up and epochs). An epoch
+    costs the faster of the first two with the saves (the first carries one-time costs: cuDNN's
+    autotuning, allocator growth; either may be slowed by a passing load), then the median of
+    the last three.
+
+    The first time (two epochs measured) the plan is always replaced: it came from a few probe
+    steps, which misjudge an epoch by 10-20% on a noisy CPU, or from another process. After
+    that it changes only where the epochs drift: when the plan would end past the budget, or
+    when two epochs more would fit. The new plan fits 97% of the budget, never beyond --epochs,
+    and keeps one epoch at least, so that a spent budget still ends on a finished cosine. The
+    plan changes in place, so the LR schedule follows at once and stays continuous (see
+    `cosine_progress`); the warm-up keeps its length."""
+    first = len(seconds) == 2
+    epoch_s = (min(seconds) if first else statistics.median(seconds[-3:])) + save_s
+    budget_s = 60 * plan["time_budget"]
+    _, epochs = planned_epochs(plan["time_budget"], elapsed_s + save_s - done * epoch_s, epoch_s, args)
+    epochs = max(done + 1, epochs)
+    projected_s = elapsed_s + save_s + (plan["epochs"] - done) * epoch_s
+    if not (first or projected_s > budget_s or epochs >= plan["epochs"] + 2):
+        epochs = plan["epochs"]
+    epochs = agreed(epochs, ctx)
+    if ctx["is_main"] and (first or epochs != plan["epochs"]):
+        if first:
+            why = (f"the {'first two epochs' if done == 2 else 'two epochs since the resume'} took "
+                   f"{seconds[0] + save_s:.1f} s and {seconds[1] + save_s:.1f} s with their saves")
+        else:
+            why = (f"after {done} epochs, {elapsed_s / 60:.1f} min spent and {epoch_s:.1f} s per epoch "
+                   f"(the median of the last three)")
+        was = "the probe planned" if done == 2 else "was"
+        print(f"time budget {plan['time_budget']:g} min: {why} -> {epochs} epochs"
+              + (f" ({was} {plan['epochs']})" if epochs != plan["epochs"] else ", as planned"), flush=True)
+    if epochs != plan["epochs"]:
+        step = done * plan["steps_per_epoch"]
+        if step > plan["warmup_steps"]:
+            plan["anchor"] = [step, cosine_progress(step, plan["total_steps"], plan["warmup_steps"],
+                                                    plan.get("anchor"))]
+        plan["epochs"] = epochs
+        plan["total_steps"] = epochs * plan["steps_per_epoch"]
+        ctx["total_steps"] = plan["total_steps"]
     return epochs
 
 
-def planned_epochs(minutes, spent_s, epoch_s, args, ctx):
-    """(epochs that fit the budget, epochs planned): the fit capped by --epochs, rank 0's on
-    every rank (each rank reads its own clock; all must plan the same schedule)."""
+def planned_epochs(minutes, spent_s, epoch_s, args):
+    """(epochs that fit the budget, epochs planned): the fit capped by --epochs."""
     fit = epochs_for_budget(60 * minutes, spent_s, epoch_s)
-    epochs = min(fit, args.epochs) if args.epochs else fit
+    return fit, min(fit, args.epochs) if args.epochs else fit
+
+
+def agreed(epochs, ctx):
+    """Rank 0's plan on every rank: each rank reads its own clock, and all must plan the same
+    schedule."""
     if ctx["world"] > 1:
         t = torch.tensor([epochs], device=ctx["device"])
         dist.broadcast(t, 0)
         epochs = int(t)
-    return fit, epochs
+    return epochs
 
 
 def median_frequency_weights(masks, num_classes, ignore_index):
@@ -873,7 +907,7 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
     plan = state["plan"]
     ctx["total_steps"] = plan["total_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, plan["total_steps"], plan["warmup_steps"]))
+        optimizer, lambda s: lr_at(s, plan["total_steps"], plan["warmup_steps"], plan.get("anchor")))
     ctx["scheduler"] = scheduler
     ctx["ema"] = copy.deepcopy(raw_model).eval().requires_grad_(False) if args.ema else None
     if ckpt is not None:
@@ -911,12 +945,15 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
         print("config: " + json.dumps(run_config(args)), flush=True)
         if ckpt is None:  # a resumed run has the same flags (load_resume checks); its config.json stays
             write_json(out / "config.json", run_config(args))
+    spent_before = plan.get("spent_s")
     try:
         train_loop(model, raw_model, train, val, state, args, ctx, out)
     except StopRequested as e:
         # every rank is here (the stop is agreed in any_rank): last.pt keeps the training-loss sums
         # of all ranks, which rank 0 alone carries on after a resume
         state["partial"] = all_reduce_sums(dict(state["partial"]), world)
+        if spent_before is not None:  # the budget spent includes the part of an epoch done
+            plan["spent_s"] = spent_before + time.time() - t_start
         if is_main:
             save_checkpoint(checkpoint_dict(raw_model, state, args, ctx, full=True), out / "last.pt")
             where = (f"{state['batch_in_epoch']} of {steps_per_epoch} steps into epoch {state['epoch'] + 1}"
@@ -939,13 +976,17 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
 
 def train_loop(model, raw_model, train, val, state, args, ctx, out):
     is_main, device = ctx["is_main"], ctx["device"]
-    epochs = state["plan"]["epochs"]
-    # --time_budget: a fresh run corrects its plan after its second epoch, from what this process
-    # measured of its first two (a resumed run keeps the plan it has: its start-up was elsewhere)
-    correct = state["epoch"] == 0 and state["batch_in_epoch"] == 0 and bool(state["plan"].get("time_budget"))
-    first_s = save_s = 0.0
+    plan = state["plan"]
+    epochs = plan["epochs"]
+    # --time_budget: the plan follows what this process's whole epochs cost (see `replan`), with
+    # what earlier processes of a resumed run spent. A plan without that record (written before
+    # it was kept) stands as it is.
+    budget = bool(plan.get("time_budget")) and "spent_s" in plan
+    spent_before = plan.get("spent_s", 0.0)
+    seconds, save_s = [], 0.0
     while state["epoch"] < epochs:
         t0 = time.time()
+        whole = state["batch_in_epoch"] == 0  # not the rest of an epoch begun before a resume
         train_one_epoch(model, train, state, args, ctx)
         part = all_reduce_sums(dict(state["partial"]), ctx["world"])
         n = float(part["images"]) or math.nan  # nan, not 0, when --skip_nonfinite skipped every step
@@ -983,9 +1024,13 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
         improved = state["best_miou"] is None or score > state["best_miou"]
         if improved:
             state["best_miou"] = score
-        if correct and state["epoch"] == 2 and epochs > 2:  # before last.pt stores the plan
-            epochs = replan_after_second_epoch(state["plan"], first_s, save_s, row["seconds"],
-                                               time.time() - ctx["t_start"], args, ctx)
+        if whole:
+            seconds.append(row["seconds"])
+        if budget:  # before last.pt stores the plan
+            if len(seconds) >= 2 and whole and state["epoch"] < epochs:
+                epochs = replan(plan, state["epoch"], seconds, save_s, spent_before + time.time() - ctx["t_start"],
+                                args, ctx)
+            plan["spent_s"] = spent_before + time.time() - ctx["t_start"]
         t_save = time.time()
         if is_main:
             save_epoch(raw_model, state, args, ctx, out, improved)
@@ -993,8 +1038,7 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
             warning = collapse_warning(row, raw_model.config, state["step"] >= args.kl_warmup * ctx["total_steps"])
             if warning:
                 print(warning, flush=True)
-        if state["epoch"] == 1:  # every rank: each plans from its own clock, and rank 0's plan wins
-            first_s, save_s = row["seconds"], time.time() - t_save
+        save_s = time.time() - t_save  # every rank: each plans from its own clock, and rank 0's plan wins
         if any_rank(ctx, ctx["stop"]["signal"] is not None)[0] and state["epoch"] < epochs:
             raise StopRequested(ctx["stop"]["signal"] or "another rank's signal")  # came during validation
 

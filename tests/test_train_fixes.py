@@ -3,6 +3,7 @@ random stream per torchrun rank, resume refusing what would bend the schedule, t
 and the outputs a run keeps or leaves behind."""
 
 import json
+import math
 import types
 
 import pytest
@@ -149,19 +150,30 @@ def test_time_budget_plans_the_whole_schedule_and_resume_keeps_it(tiny_data, tmp
     plan = state["plan"]
     assert plan["time_budget"] == 0.05 and plan["epochs"] >= 1
     assert plan["total_steps"] == plan["epochs"] * plan["steps_per_epoch"] == state["step"]
+    assert state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # the same with three epochs planned (a busy machine may fit only one in 3 s), then resumed
+    monkeypatch.setattr(train, "epochs_for_budget", lambda *a, **k: 3)
+    out = tmp_path / "run3"
+    state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 0.05)))
+    plan = state["plan"]
+    assert plan["epochs"] == 3
+    assert plan["total_steps"] == plan["epochs"] * plan["steps_per_epoch"] == state["step"]
     # the cosine schedule ends at 0 exactly at the planned end
     assert state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["plan"] == plan
-    # A resume keeps the plan: no new measurement even when this machine is now much slower.
+    assert ckpt["plan"] == plan and plan["spent_s"] > 0
+    # A resume keeps the budget: no new probe even when this machine is now much slower, and the
+    # minutes spent before count against it.
     monkeypatch.setattr(train, "budget_plan", lambda *a, **k: pytest.fail("resume measured again"))
     ckpt["epoch"] = ckpt["history"][0]["epoch"]  # pretend it stopped after its first epoch
     ckpt["history"] = ckpt["history"][:1]
+    ckpt["plan"] = dict(plan, spent_s=100.0)
     from checkpoint import save_checkpoint
 
     save_checkpoint(ckpt, out / "last.pt")
     state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 0.05, "--resume", "auto")))
-    assert state["plan"] == plan and state["epoch"] == plan["epochs"]
+    assert state["plan"]["time_budget"] == 0.05 and state["plan"]["spent_s"] > 100
+    assert state["epoch"] == state["plan"]["epochs"] and state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert json.loads((out / "config.json").read_text())["time_budget"] == 0.05
 
 
@@ -187,7 +199,7 @@ def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monk
     """Planning by the clock must not change what is trained: a --time_budget run whose plan
     comes out at N epochs equals an --epochs N run (warm-up share and all)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    monkeypatch.setattr(train, "replan_after_second_epoch", lambda plan, *a: plan["epochs"])  # the probe alone
+    monkeypatch.setattr(train, "replan", lambda plan, *a: plan["epochs"])  # the probe alone
     sa = train.main(train.get_args(argv(tiny_data, a, "--time_budget", 0.05)))
     epochs = sa["plan"]["epochs"]
     monkeypatch.setattr(train, "fixed_plan", _with_budget(train.fixed_plan, 0.05))
@@ -201,9 +213,10 @@ def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monk
                                                             (4, 1, None, 3)])
 def test_second_epoch_corrects_the_budget_plan(tiny_data, tmp_path, monkeypatch, capsys, probe, measured, cap,
                                                expected):
-    """The probe's plan is corrected once, after the second epoch: longer or shorter, never past
+    """The probe's plan is corrected after the second epoch: longer or shorter, never past
     --epochs nor under three (a budget spent by the second epoch still gets a finished cosine),
-    and the run is still one whole schedule that last.pt records."""
+    and the run is still one whole schedule that last.pt records. Each later epoch plans again
+    (here to the same end, so the plan stands)."""
     calls = []
 
     def fit(budget_s, spent_s, epoch_s, safety=0.97):
@@ -215,7 +228,7 @@ def test_second_epoch_corrects_the_budget_plan(tiny_data, tmp_path, monkeypatch,
     state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5,
                                            *(["--epochs", cap] if cap else []))))
     plan = state["plan"]
-    assert len(calls) == 2 and calls[1][0] == 300
+    assert len(calls) == 1 + expected - 2 and calls[1][0] == 300  # the probe, then after epochs 2 .. N-1
     faster = min(r["seconds"] for r in state["history"][:2])
     assert calls[1][2] >= faster > 0  # the faster of the first two epochs, with the first's saves
     assert plan["probe_epochs"] == probe and plan["epochs"] == expected == state["epoch"]
@@ -223,7 +236,33 @@ def test_second_epoch_corrects_the_budget_plan(tiny_data, tmp_path, monkeypatch,
     assert plan["warmup_steps"] == max(1, int(0.03 * probe * plan["steps_per_epoch"]))  # the warm-up is kept
     assert state["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at the new end
     assert load_checkpoint(out / "last.pt")["plan"] == plan
-    assert f"-> {expected} epochs (the probe planned {probe})" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"-> {expected} epochs (the probe planned {probe})" in printed
+    assert printed.count("time budget 5 min:") == 2  # the probe and its correction; nothing moved after
+
+
+def test_later_epochs_plan_again_and_the_lr_never_jumps(tiny_data, tmp_path, monkeypatch, capsys):
+    """Epochs that turn out faster than the first two add epochs to the plan once two more fit:
+    the cosine stretches over the new end from where it is, so the LR falls all the way, ends at
+    0, and last.pt records the final plan."""
+    fits = iter([6, 6, 7, 8, 9, 9, 9])  # the probe, then the fit after epochs 2, 3, ...
+
+    def fit(budget_s, spent_s, epoch_s, safety=0.97):
+        return next(fits)
+
+    monkeypatch.setattr(train, "epochs_for_budget", fit)
+    out = tmp_path / "run"
+    state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5, "--warmup", 0)))
+    plan = state["plan"]
+    # after epoch 3 one epoch more fits (7 against 6): within the margin, the plan stands; after
+    # epoch 4, two more (8): it grows; after that one more (9) again leaves it
+    assert plan["epochs"] == 8 == state["epoch"] and plan["total_steps"] == state["step"]
+    assert plan["anchor"][0] == 4 * plan["steps_per_epoch"]
+    lrs = [r["lr"] for r in state["history"]]
+    assert all(b < a for a, b in zip(lrs, lrs[1:])), lrs
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert load_checkpoint(out / "last.pt")["plan"] == plan
+    assert "after 4 epochs" in capsys.readouterr().out
 
 
 def test_the_correction_counts_the_slower_epochs_excess_as_spent():
@@ -231,32 +270,84 @@ def test_the_correction_counts_the_slower_epochs_excess_as_spent():
     costs 3 s, 19 s have passed at the end of the second validation and its 1 s of saves is due,
     so 2 + (0.97 * 300 - 19 - 1) // 3 = 92 epochs fit, where the first epoch's 7 s would plan 40.
     The other way round (2 s, then 6 s: a passing load) plans the same 92."""
-    plan = {"time_budget": 5, "epochs": 50, "steps_per_epoch": 4, "total_steps": 200}
+    plan = {"time_budget": 5, "epochs": 50, "steps_per_epoch": 4, "total_steps": 200, "warmup_steps": 6}
     ctx = {"world": 1, "is_main": False}
     args = types.SimpleNamespace(epochs=None)
-    assert train.replan_after_second_epoch(plan, 6, 1, 2, 19, args, ctx) == 92
+    assert train.replan(plan, 2, [6, 2], 1, 19, args, ctx) == 92
     assert plan["epochs"] == 92 and plan["total_steps"] == ctx["total_steps"] == 368
-    assert train.replan_after_second_epoch(plan, 2, 1, 6, 19, args, ctx) == 92
+    assert train.replan(plan, 2, [2, 6], 1, 19, args, ctx) == 92
     args.epochs = 60
-    assert train.replan_after_second_epoch(plan, 6, 1, 2, 19, args, ctx) == 60
+    assert train.replan(plan, 2, [6, 2], 1, 19, args, ctx) == 60
     # a budget already spent still gets one more epoch, to finish the cosine
-    assert train.replan_after_second_epoch(dict(plan, time_budget=0.3), 6, 1, 2, 19, args, ctx) == 3
+    assert train.replan(dict(plan, time_budget=0.3), 2, [6, 2], 1, 19, args, ctx) == 3
 
 
-def test_a_resumed_run_keeps_its_plan(tiny_data, tmp_path, monkeypatch):
-    """A resume never plans again: not after the correction, nor before it (the first epoch ran
-    in another process, whose start-up this one cannot see)."""
+def test_later_corrections_follow_drift_and_keep_the_lr():
+    """After the first correction the plan moves only where the epochs drift: past the budget it
+    shrinks, with two epochs of slack it grows, within that it stands. An epoch then costs the
+    median of the last three, so one slow epoch moves nothing. The LR at the step where the plan
+    changes is the one the old plan gave it."""
+    args, ctx = types.SimpleNamespace(epochs=None), {"world": 1, "is_main": False}
+
+    def plan(epochs):
+        return {"time_budget": 5, "epochs": epochs, "steps_per_epoch": 4, "total_steps": 4 * epochs,
+                "warmup_steps": 2}
+
+    # 10 epochs of 19 s done at 195 s, 1 s of saves: (291 - 196) // 20 = 4 more fit
+    p = plan(20)  # 10 more of 20 s would end at 396 s, past the 300 s budget: down to 14
+    lr = train.lr_at(40, p["total_steps"], p["warmup_steps"])
+    assert train.replan(p, 10, [19, 19, 19], 1, 195, args, ctx) == 14
+    assert train.lr_at(40, p["total_steps"], p["warmup_steps"], p["anchor"]) == pytest.approx(lr)
+    assert train.lr_at(56, p["total_steps"], p["warmup_steps"], p["anchor"]) == pytest.approx(0.0, abs=1e-12)
+    assert train.replan(plan(15), 10, [19, 19, 19], 1, 195, args, ctx) == 15  # ends at 296 s: stands
+    assert train.replan(plan(13), 10, [19, 19, 19], 1, 195, args, ctx) == 13  # one epoch of slack: stands
+    assert train.replan(plan(12), 10, [19, 19, 19], 1, 195, args, ctx) == 14  # two: grows
+    assert train.replan(plan(15), 10, [19, 90, 19], 1, 195, args, ctx) == 15  # one slow epoch: stands
+    assert train.replan(plan(15), 10, [30, 90, 30], 1, 195, args, ctx) == 13  # slower epochs: shrinks
+    assert train.replan(plan(12), 10, [19, 19, 19], 1, 400, args, ctx) == 11  # spent: one more, to end the cosine
+    # a re-plan on a re-planned schedule starts from where the LR is, too
+    p = plan(20)
+    train.replan(p, 10, [19, 19, 19], 1, 195, args, ctx)
+    lr = train.lr_at(48, p["total_steps"], p["warmup_steps"], p["anchor"])
+    assert train.replan(p, 12, [30, 30, 30], 1, 250, args, ctx) == 13
+    assert train.lr_at(48, p["total_steps"], p["warmup_steps"], p["anchor"]) == pytest.approx(lr)
+
+
+def test_lr_continues_from_an_anchor():
+    assert train.lr_at(50, 100, 10, [10, 0.0]) == pytest.approx(train.lr_at(50, 100, 10))
+    assert train.lr_at(40, 60, 10, [40, 0.5]) == pytest.approx(0.5)  # half-way down at the anchor
+    assert train.lr_at(50, 60, 10, [40, 0.5]) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert train.lr_at(60, 60, 10, [40, 0.5]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_resumed_run_plans_again_from_its_own_epochs(tiny_data, tmp_path, monkeypatch):
+    """A resume keeps its plan until it has timed two whole epochs of its own (its start-up and
+    the epochs before ran in another process), then plans again, counting what the earlier
+    process spent."""
     out = tmp_path / "run"
-    monkeypatch.setattr(train, "epochs_for_budget", lambda *a, **k: 4)
+    monkeypatch.setattr(train, "epochs_for_budget", lambda *a, **k: 5)
     train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5)))
     ckpt = load_checkpoint(out / "last.pt")
     from checkpoint import save_checkpoint
 
-    monkeypatch.setattr(train, "replan_after_second_epoch", lambda *a: pytest.fail("planned again on resume"))
-    for stopped_after in (1, 2):
-        save_checkpoint(dict(ckpt, epoch=stopped_after, history=ckpt["history"][:stopped_after]), out / "last.pt")
+    calls = []
+    replan = train.replan
+
+    def recorded(plan, done, seconds, save_s, elapsed_s, *a):
+        calls.append((done, len(seconds), elapsed_s))
+        return replan(plan, done, seconds, save_s, elapsed_s, *a)
+
+    monkeypatch.setattr(train, "replan", recorded)
+    for stopped_after in (1, 3):
+        calls.clear()
+        plan = dict(ckpt["plan"], spent_s=120.0)
+        save_checkpoint(dict(ckpt, epoch=stopped_after, history=ckpt["history"][:stopped_after], plan=plan),
+                        out / "last.pt")
         state = train.main(train.get_args(argv(tiny_data, out, "--time_budget", 5, "--resume", "auto")))
-        assert state["plan"] == ckpt["plan"] and state["epoch"] == 4
+        assert state["epoch"] == 5 and state["plan"]["spent_s"] > 120
+        # after 1: epochs 2 and 3 timed here, planned again after 3 and 4; after 3: only 4 and 5, the last
+        assert [c[:2] for c in calls] == ([(3, 2), (4, 3)] if stopped_after == 1 else [])
+        assert all(c[2] > 120 for c in calls)
 
 
 def test_the_logs_name_the_precision_as_the_flag_does():
