@@ -128,8 +128,8 @@ def get_args(argv=None):
     o.add_argument("--time_budget", type=float, metavar="MINUTES",
                    help="fit the whole schedule (epochs, LR and KL warm-up, cosine decay) to this wall-clock "
                    "budget for the whole run, measured from the first steps, corrected after the second "
-                   "epoch and again whenever the epochs drift; with --epochs N, N epochs or as many as fit, whichever is fewer (default: none, "
-                   "--epochs)")
+                   "epoch and again whenever the epochs drift; with --epochs N, N epochs or as many as fit, "
+                   "whichever is fewer (default: none, --epochs)")
     o.add_argument("--batch_size", type=int, default=8, help="images per step, per process")
     o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
     o.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
