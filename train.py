@@ -945,15 +945,19 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
         print("config: " + json.dumps(run_config(args)), flush=True)
         if ckpt is None:  # a resumed run has the same flags (load_resume checks); its config.json stays
             write_json(out / "config.json", run_config(args))
-    spent_before = plan.get("spent_s")
+    # --time_budget: the minutes this run has spent, with what earlier processes of a resumed run
+    # spent. A plan without that record (written before it was kept) stands as it is.
+    if plan.get("time_budget") and "spent_s" in plan:
+        spent_before = plan["spent_s"]
+        ctx["budget_spent"] = lambda: spent_before + time.time() - t_start
     try:
         train_loop(model, raw_model, train, val, state, args, ctx, out)
     except StopRequested as e:
         # every rank is here (the stop is agreed in any_rank): last.pt keeps the training-loss sums
         # of all ranks, which rank 0 alone carries on after a resume
         state["partial"] = all_reduce_sums(dict(state["partial"]), world)
-        if spent_before is not None:  # the budget spent includes the part of an epoch done
-            plan["spent_s"] = spent_before + time.time() - t_start
+        if ctx.get("budget_spent"):  # the budget spent includes the part of an epoch done
+            plan["spent_s"] = ctx["budget_spent"]()
         if is_main:
             save_checkpoint(checkpoint_dict(raw_model, state, args, ctx, full=True), out / "last.pt")
             where = (f"{state['batch_in_epoch']} of {steps_per_epoch} steps into epoch {state['epoch'] + 1}"
@@ -978,11 +982,7 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
     is_main, device = ctx["is_main"], ctx["device"]
     plan = state["plan"]
     epochs = plan["epochs"]
-    # --time_budget: the plan follows what this process's whole epochs cost (see `replan`), with
-    # what earlier processes of a resumed run spent. A plan without that record (written before
-    # it was kept) stands as it is.
-    budget = bool(plan.get("time_budget")) and "spent_s" in plan
-    spent_before = plan.get("spent_s", 0.0)
+    spent = ctx.get("budget_spent")  # --time_budget: the plan follows what whole epochs cost (`replan`)
     seconds, save_s = [], 0.0
     while state["epoch"] < epochs:
         t0 = time.time()
@@ -1026,11 +1026,10 @@ def train_loop(model, raw_model, train, val, state, args, ctx, out):
             state["best_miou"] = score
         if whole:
             seconds.append(row["seconds"])
-        if budget:  # before last.pt stores the plan
+        if spent:  # before last.pt stores the plan
+            plan["spent_s"] = spent()
             if len(seconds) >= 2 and whole and state["epoch"] < epochs:
-                epochs = replan(plan, state["epoch"], seconds, save_s, spent_before + time.time() - ctx["t_start"],
-                                args, ctx)
-            plan["spent_s"] = spent_before + time.time() - ctx["t_start"]
+                epochs = replan(plan, state["epoch"], seconds, save_s, plan["spent_s"], args, ctx)
         t_save = time.time()
         if is_main:
             save_epoch(raw_model, state, args, ctx, out, improved)
