@@ -162,6 +162,10 @@ def get_args(argv=None):
     o.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights with this decay per "
                    "step, e.g. 0.999 (0: off, the weights as trained)")
+    o.add_argument("--swa", type=float, default=0.0, metavar="SHARE",
+                   help="stochastic weight averaging: from where the cosine LR schedule has this share left, "
+                   "validate and save the plain mean of the weights after every step since, e.g. 0.5 "
+                   "(0: off); BN statistics are averaged the same way")
     o.add_argument("--skip_nonfinite", type=int, default=0,
                    help="steps with a non-finite loss to skip before stopping the run")
     r = p.add_argument_group("run")
@@ -203,6 +207,11 @@ def check_args(args):
         raise DataError("--warmup must be in [0, 1) and --kl_warmup in [0, 1]")
     if not 0 <= args.ema < 1:
         raise DataError(f"--ema {args.ema} must be in [0, 1): the decay per step, e.g. 0.999, or 0 for none")
+    if not 0 <= args.swa <= 1:
+        raise DataError(f"--swa {args.swa} must be in [0, 1]: the share of the schedule averaged, e.g. 0.5, or 0 "
+                        "for none")
+    if args.swa and args.ema:
+        raise DataError(f"--swa {args.swa} and --ema {args.ema} both average the weights: choose one")
     if not 0 <= args.cutmix <= 1:
         raise DataError(f"--cutmix {args.cutmix} must be a probability in [0, 1]")
     if not 0 <= args.jitter < 1:
@@ -674,7 +683,10 @@ def train_step(model, images, target, state, args, ctx):
     else:
         scaler.step(optimizer)
         scaler.update()
-        if ctx.get("ema") is not None:
+        if ctx.get("swa") is not None:  # neither average exists yet while --time_budget times its steps
+            if swa_started(state["step"], state["plan"], args.swa):
+                update_swa(ctx["ema"], getattr(model, "module", model), ctx["swa"])
+        elif ctx.get("ema") is not None:
             update_ema(ctx["ema"], getattr(model, "module", model), args.ema, state["step"])
         part["loss"] += loss.detach().double() * n
         part["kl"] += kl.detach().double() * n
@@ -718,15 +730,36 @@ def update_ema(ema, model, decay, step):
     so the average does not start from random weights (as in TensorFlow's ExponentialMovingAverage
     with num_updates); buffers (BN statistics) are copied."""
     d = min(decay, (1 + step) / (10 + step))
+    lerp_weights(ema, model, 1 - d, buffers=False)
+
+
+def swa_started(step, plan, share):
+    """Whether `step` is in the last `share` of the cosine schedule (the plan as it stands)."""
+    return cosine_progress(step, plan["total_steps"], plan["warmup_steps"], plan.get("anchor")) >= 1 - share
+
+
+def update_swa(avg, model, swa):
+    """avg <- the plain mean of the weights after each of the swa["n"] + 1 steps averaged so far
+    (Izmailov et al. 2018); float buffers (BN running statistics) are averaged alike, so the mean
+    needs no pass over the data to be validated."""
+    swa["n"] += 1
+    lerp_weights(avg, model, 1 / swa["n"], buffers=True)
+
+
+def lerp_weights(avg, model, w, buffers):
+    """avg's parameters <- (1 - w) * avg + w * model's; its float buffers too where `buffers`, the
+    others (and all of them otherwise) copied."""
     with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-        for e, b in zip(ema.buffers(), model.buffers()):
-            e.copy_(b)
+        torch._foreach_lerp_(list(avg.parameters()), list(model.parameters()), w)
+        for a, b in zip(avg.buffers(), model.buffers()):
+            a.lerp_(b, w) if buffers and a.is_floating_point() else a.copy_(b)
 
 
 def eval_model(raw_model, ctx):
-    """The weights that are validated and saved for test.py: the moving average with --ema."""
-    return ctx["ema"] if ctx.get("ema") is not None else raw_model
+    """The weights that are validated and saved for test.py: the moving average with --ema, the
+    mean since the averaging began with --swa (the weights as trained before it)."""
+    swa = ctx.get("swa")
+    return raw_model if ctx.get("ema") is None or (swa is not None and swa["n"] == 0) else ctx["ema"]
 
 
 def new_partial(device):
@@ -739,6 +772,8 @@ def checkpoint_dict(raw_model, state, args, ctx, full):
     if full:
         if ctx.get("ema") is not None:  # "model" holds the average; resume needs the trained weights too
             fields["train_model"] = raw_model.state_dict()
+        if ctx.get("swa") is not None:
+            fields["swa_steps"] = ctx["swa"]["n"]
         fields.update({
             "optimizer": ctx["optimizer"].state_dict(),
             "scheduler": ctx["scheduler"].state_dict(),
@@ -909,7 +944,8 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, plan["total_steps"], plan["warmup_steps"], plan.get("anchor")))
     ctx["scheduler"] = scheduler
-    ctx["ema"] = copy.deepcopy(raw_model).eval().requires_grad_(False) if args.ema else None
+    ctx["ema"] = copy.deepcopy(raw_model).eval().requires_grad_(False) if args.ema or args.swa else None
+    ctx["swa"] = {"n": ckpt.get("swa_steps", 0) if ckpt else 0} if args.swa else None
     if ckpt is not None:
         restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank, ctx["ema"])
         if is_main and metrics_csv_rows(out / "metrics.csv") != len(state["history"]):

@@ -196,6 +196,11 @@ def epochs_negative(root, run_dir):
 
 
 @case
+def swa_with_ema(root, run_dir):
+    return train_cmd(root, split(root), "--swa", 0.5, "--ema", 0.999), ["--swa 0.5", "--ema 0.999", "choose one"]
+
+
+@case
 def time_budget_negative(root, run_dir):
     return train_cmd(root, split(root), "--time_budget", -5), ["--time_budget -5", "e.g. --time_budget 20"]
 

@@ -34,6 +34,7 @@ def assert_same_run(a, b):
     ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
     for k in ("epoch", "step", "best_miou", "batch_in_epoch", "nonfinite", "scheduler", "scaler"):
         assert ca[k] == cb[k], k
+    assert ca.get("swa_steps") == cb.get("swa_steps")
     for key in ("model", "train_model"):  # train_model: the trained weights beside an --ema average
         assert (key in ca) == (key in cb)
         for name, t in ca.get(key, {}).items():
@@ -61,7 +62,8 @@ def keep_torch_threads():
 # resume
 
 
-@pytest.mark.parametrize("augment", [["--augment", 0], ["--augment", 1], ["--ema", 0.9, "--rotate", 20]])
+@pytest.mark.parametrize("augment", [["--augment", 0], ["--augment", 1], ["--ema", 0.9, "--rotate", 20],
+                                     ["--swa", 0.5]])
 def test_stop_mid_epoch_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch, augment):
     """3 epochs straight, versus a run that a real SIGTERM stops after the first step of epoch 2
     (8 images, batch 4: 2 steps an epoch) and that --resume auto then finishes."""

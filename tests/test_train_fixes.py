@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from conftest import TINY_MODEL, assert_refused, run
+from conftest import TINY_MODEL, assert_refused, metrics_rows, run
 
 import train
 from checkpoint import build_model, load_checkpoint
@@ -195,18 +195,23 @@ def test_epochs_cap_what_the_budget_plans(tiny_data, tmp_path, monkeypatch):
     assert state["plan"]["epochs"] == 1 and state["epoch"] == 1
 
 
-def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("average", [[], ["--ema", 0.9], ["--swa", 0.5]])
+def test_budget_measurement_leaves_the_model_untouched(tiny_data, tmp_path, monkeypatch, average):
     """Planning by the clock must not change what is trained: a --time_budget run whose plan
-    comes out at N epochs equals an --epochs N run (warm-up share and all)."""
+    comes out at N epochs equals an --epochs N run (warm-up share and all), also the average of
+    the weights that --ema or --swa keeps (the probe's steps are not averaged)."""
     a, b = tmp_path / "a", tmp_path / "b"
     monkeypatch.setattr(train, "replan", lambda plan, *a: plan["epochs"])  # the probe alone
-    sa = train.main(train.get_args(argv(tiny_data, a, "--time_budget", 0.05)))
+    sa = train.main(train.get_args(argv(tiny_data, a, "--time_budget", 0.05, *average)))
     epochs = sa["plan"]["epochs"]
     monkeypatch.setattr(train, "fixed_plan", _with_budget(train.fixed_plan, 0.05))
-    train.main(train.get_args(argv(tiny_data, b, "--epochs", epochs)))
+    train.main(train.get_args(argv(tiny_data, b, "--epochs", epochs, *average)))
     ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
-    for name, t in ca["model"].items():
-        assert torch.equal(t, cb["model"][name]), name
+    assert ca.get("swa_steps") == cb.get("swa_steps")
+    assert ("train_model" in ca) == ("train_model" in cb) == bool(average)
+    for key in ("model", "train_model"):
+        for name, t in ca.get(key, {}).items():
+            assert torch.equal(t, cb[key][name]), (key, name)
 
 
 @pytest.mark.parametrize("probe, measured, cap, expected", [(3, 5, None, 5), (5, 3, None, 3), (3, 9, 4, 4),
@@ -433,6 +438,37 @@ def test_ema_weights_are_what_is_validated_and_saved(tiny_data, tmp_path):
 
     init = SegVAE(VAEConfig.from_dict(last["model_config"])).state_dict()[name]
     assert (last["model"][name] - last["train_model"][name]).norm() < (init - last["train_model"][name]).norm()
+
+
+def test_swa_saves_the_mean_of_the_weights_since_it_began(tiny_data, tmp_path, monkeypatch):
+    """4 epochs of 2 steps, LR warm-up 1 step: the cosine's progress at step s is (s - 1) / 7, so
+    --swa 0.5 averages the weights after steps 5, 6 and 7 (0-based), the last three."""
+    seen, real = [], train.update_swa
+
+    def spy(avg, model, swa):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        real(avg, model, swa)
+
+    monkeypatch.setattr(train, "update_swa", spy)
+    out = tmp_path / "run"
+    state = train.main(train.get_args(argv(tiny_data, out, "--epochs", 4, "--swa", 0.5)))
+    assert state["step"] == 8 and len(seen) == 3
+    last = load_checkpoint(out / "last.pt")
+    assert last["swa_steps"] == 3
+    for name, t in last["model"].items():
+        if t.is_floating_point():  # weights and BN running statistics: the mean of the three
+            assert torch.allclose(t, sum(s[name] for s in seen) / 3, atol=1e-6), name
+        else:
+            assert torch.equal(t, seen[-1][name]), name
+        assert torch.equal(last["train_model"][name], seen[-1][name]), name
+    # before the averaging began, the weights as trained were validated: epoch 2 with --swa is the
+    # same epoch as without it
+    plain = tmp_path / "plain"
+    monkeypatch.setattr(train, "update_swa", real)
+    train.main(train.get_args(argv(tiny_data, plain, "--epochs", 4)))
+    a, b = metrics_rows(out), metrics_rows(plain)
+    assert a[1]["val_miou"] == b[1]["val_miou"] and a[1]["val_loss"] == b[1]["val_loss"]
+    assert a[3]["val_loss"] != b[3]["val_loss"]
 
 
 def test_threads_leave_the_cores_other_processes_keep_busy(monkeypatch):
