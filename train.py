@@ -685,9 +685,9 @@ def train_step(model, images, target, state, args, ctx):
         scaler.update()
         if ctx.get("swa") is not None:  # neither average exists yet while --time_budget times its steps
             if swa_started(state["step"], state["plan"], args.swa):
-                update_swa(ctx["ema"], getattr(model, "module", model), ctx["swa"])
-        elif ctx.get("ema") is not None:
-            update_ema(ctx["ema"], getattr(model, "module", model), args.ema, state["step"])
+                update_swa(ctx["average"], getattr(model, "module", model), ctx["swa"])
+        elif ctx.get("average") is not None:
+            update_ema(ctx["average"], getattr(model, "module", model), args.ema, state["step"])
         part["loss"] += loss.detach().double() * n
         part["kl"] += kl.detach().double() * n
         if brier is not None:
@@ -759,7 +759,7 @@ def eval_model(raw_model, ctx):
     """The weights that are validated and saved for test.py: the moving average with --ema, the
     mean since the averaging began with --swa (the weights as trained before it)."""
     swa = ctx.get("swa")
-    return raw_model if ctx.get("ema") is None or (swa is not None and swa["n"] == 0) else ctx["ema"]
+    return raw_model if ctx.get("average") is None or (swa is not None and swa["n"] == 0) else ctx["average"]
 
 
 def new_partial(device):
@@ -770,7 +770,7 @@ def checkpoint_dict(raw_model, state, args, ctx, full):
     """The run's checkpoint (checkpoint.py's format); `full` adds what --resume needs."""
     fields = {k: state[k] for k in ("epoch", "step", "best_miou", "history", "plan")}
     if full:
-        if ctx.get("ema") is not None:  # "model" holds the average; resume needs the trained weights too
+        if ctx.get("average") is not None:  # "model" holds the average; resume needs the trained weights too
             fields["train_model"] = raw_model.state_dict()
         if ctx.get("swa") is not None:
             fields["swa_steps"] = ctx["swa"]["n"]
@@ -944,10 +944,10 @@ def _train(args, rank, world, device, dtype, is_main, stop, t_start, out, resume
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, plan["total_steps"], plan["warmup_steps"], plan.get("anchor")))
     ctx["scheduler"] = scheduler
-    ctx["ema"] = copy.deepcopy(raw_model).eval().requires_grad_(False) if args.ema or args.swa else None
+    ctx["average"] = copy.deepcopy(raw_model).eval().requires_grad_(False) if args.ema or args.swa else None
     ctx["swa"] = {"n": ckpt.get("swa_steps", 0) if ckpt else 0} if args.swa else None
     if ckpt is not None:
-        restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank, ctx["ema"])
+        restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank, ctx["average"])
         if is_main and metrics_csv_rows(out / "metrics.csv") != len(state["history"]):
             # a kill between writing last.pt and metrics.csv left the table a row short
             write_metrics_csv(out / "metrics.csv", state["history"], table.names)
@@ -1174,10 +1174,10 @@ def _flag(v):
     return " ".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
-def restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank, ema=None):
+def restore(ckpt, raw_model, optimizer, scheduler, scaler, state, device, rank, average=None):
     raw_model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
-    if ema is not None:
-        ema.load_state_dict(ckpt["model"])
+    if average is not None:
+        average.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
