@@ -750,9 +750,14 @@ def lerp_weights(avg, model, w, buffers):
     """avg's parameters <- (1 - w) * avg + w * model's; its float buffers too where `buffers`, the
     others (and all of them otherwise) copied."""
     with torch.no_grad():
-        torch._foreach_lerp_(list(avg.parameters()), list(model.parameters()), w)
+        mine, theirs = list(avg.parameters()), list(model.parameters())
         for a, b in zip(avg.buffers(), model.buffers()):
-            a.lerp_(b, w) if buffers and a.is_floating_point() else a.copy_(b)
+            if buffers and a.is_floating_point():  # averaged in the one fused call below
+                mine.append(a)
+                theirs.append(b)
+            else:
+                a.copy_(b)
+        torch._foreach_lerp_(mine, theirs, w)
 
 
 def eval_model(raw_model, ctx):
