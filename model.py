@@ -51,6 +51,7 @@ class VAEConfig:
     head_convs: int = None  # hidden 1x1 convs before the class logits (Kohl et al. 2018: 3; here 1)
     input_norm: bool = False  # standardize each image by its own per-channel mean and std first
     image_context: bool = False  # add the whole image's pooled bottleneck features at every position
+    blocks: int = 1  # residual 3x3 convs after each strided conv of the encoder
 
     def __post_init__(self):
         learned = self.prior == "learned"
@@ -78,6 +79,8 @@ class VAEConfig:
                              f"latent_form={self.latent_form!r}, inject={self.inject!r}; use prior='learned'")
         if self.image_context and not self.context:
             raise ValueError("image_context is part of the context module: it needs context=True")
+        if self.blocks < 1:
+            raise ValueError(f"blocks {self.blocks} must be >= 1")
         if self.head_convs < 0 or self.latent_dim < 1 or self.latent_channels < 1:
             raise ValueError(f"head_convs {self.head_convs} must be >= 0, latent_dim {self.latent_dim} and "
                              f"latent_channels {self.latent_channels} >= 1")
@@ -130,20 +133,29 @@ def conv_bn_relu(cin, cout, stride=1, dilation=1):
 
 
 class Down(nn.Module):
-    """Strided conv + BN + ReLU halves the resolution, then a residual 3x3 conv refines it.
+    """Strided conv + BN + ReLU halves the resolution, then `blocks` residual 3x3 convs refine it.
     The strided conv is 2x2 so that output pixel i sits at the centre of input pixels 2i, 2i+1,
     the same grid that ConvTranspose2d(2, stride=2) and bilinear upsampling assume; a 3x3
     stride-2 conv would centre it on 2i and shift the mask by about a pixel after the decoder."""
 
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, blocks=1):
         super().__init__()
         self.down = nn.Sequential(nn.Conv2d(cin, cout, 2, stride=2, bias=False), nn.BatchNorm2d(cout),
                                   nn.ReLU(inplace=True))
-        self.conv = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+        # The first residual conv keeps its name, so checkpoints saved before `blocks` load as they were.
+        self.conv = residual_conv(cout)
+        self.more = nn.ModuleList(residual_conv(cout) for _ in range(blocks - 1))
 
     def forward(self, x):
         x = self.down(x)
-        return F.relu(x + self.conv(x))
+        for conv in (self.conv, *self.more):
+            x = F.relu(x + conv(x))
+        return x
+
+
+def residual_conv(c):
+    """The residual branch of a Down block: 3x3 conv + BN, added to its input before the ReLU."""
+    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
 
 
 class Up(nn.Module):
@@ -253,7 +265,7 @@ class SegVAE(nn.Module):
         c, w = config, list(config.widths)
         self.learned = c.prior == "learned"
         z_in = c.global_dims + c.spatial_channels  # latent channels once z is laid out as a map
-        self.downs = nn.ModuleList(Down(cin, cout) for cin, cout in zip([c.in_channels] + w[:-1], w))
+        self.downs = nn.ModuleList(Down(cin, cout, c.blocks) for cin, cout in zip([c.in_channels] + w[:-1], w))
         self.context = Context(w[-1], c.image_context) if c.context else nn.Identity()
         if self.learned:
             # Prior and posterior share the encoder's bottleneck features (see GaussianNet): on

@@ -99,6 +99,8 @@ def get_args(argv=None):
     m = p.add_argument_group("model")
     m.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256],
                    help="channels of each downsampling block (depth = how many)")
+    m.add_argument("--blocks", type=int, default=1,
+                   help="residual 3x3 convs after each strided conv of the encoder (a deeper encoder)")
     m.add_argument("--latent_channels", type=int, default=32, help="channels of the spatial latent")
     m.add_argument("--skip", type=int, default=1, choices=[0, 1], help="U-Net skip connections")
     m.add_argument("--context", type=int, default=1, choices=[0, 1], help="dilated context at the bottleneck")
@@ -244,6 +246,8 @@ def check_args(args):
         raise DataError(f"--scale {args.scale[0]} {args.scale[1]} must be two positive numbers, MIN <= MAX")
     if any(w < 1 for w in args.widths):
         raise DataError(f"--widths {args.widths} must all be at least 1")
+    if args.blocks < 1:
+        raise DataError(f"--blocks {args.blocks} must be at least 1, e.g. --blocks 2")
     for name in ("image_size", "crop_size"):
         if getattr(args, name) and min(getattr(args, name)) < 1:
             raise DataError(f"--{name} {getattr(args, name)} must be positive")
@@ -718,7 +722,7 @@ def vae_config(args, num_classes):
                      skip=bool(args.skip), context=bool(args.context), stochastic=bool(args.stochastic),
                      prior=args.prior, latent_form=args.latent_form, latent_dim=args.latent_dim, inject=args.inject,
                      head_convs=args.head_convs, input_norm=bool(args.input_norm),
-                     image_context=bool(args.image_context))
+                     image_context=bool(args.image_context), blocks=args.blocks)
 
 
 def model_config(model):

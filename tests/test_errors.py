@@ -206,6 +206,11 @@ def time_budget_negative(root, run_dir):
 
 
 @case
+def blocks_zero(root, run_dir):
+    return train_cmd(root, split(root), "--blocks", 0), ["--blocks 0", "e.g. --blocks 2"]
+
+
+@case
 def negative_learning_rate(root, run_dir):
     return train_cmd(root, split(root), "--lr", -0.1), ["--lr -0.1"]
 

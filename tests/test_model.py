@@ -133,6 +133,29 @@ def test_sampling_batched_and_mean():
     assert torch.equal(s[0], s[2])  # the deterministic ablation never samples
 
 
+def test_blocks_deepen_the_encoder_and_old_checkpoints_still_load():
+    torch.manual_seed(0)
+    one = SegVAE(VAEConfig(num_classes=3, widths=(8, 16), latent_channels=4))
+    two = SegVAE(VAEConfig(num_classes=3, widths=(8, 16), latent_channels=4, blocks=2))
+    keys_one, keys_two = set(one.state_dict()), set(two.state_dict())
+    extra = keys_two - keys_one
+    # One more residual conv + BN per down block, and nothing renamed.
+    assert keys_one < keys_two and {k.split(".more.")[0] for k in extra} == {"downs.0", "downs.1"}
+    assert sum(p.numel() for p in two.parameters()) - sum(p.numel() for p in one.parameters()) == \
+        (8 * 8 * 9 + 2 * 8) + (16 * 16 * 9 + 2 * 16)
+    logits, mu, _ = two(torch.randn(2, 3, 20, 28))
+    assert logits.shape == (2, 3, 20, 28) and mu.shape == (2, 4, 5, 7)
+    # A config saved before `blocks` existed rebuilds the one-block model and takes its weights.
+    old = {k: v for k, v in one.config.to_dict().items() if k != "blocks"}
+    again = SegVAE(VAEConfig.from_dict(old))
+    again.load_state_dict(one.state_dict())  # strict: the same keys
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x)[0], one.eval()(x)[0])
+    with pytest.raises(ValueError, match="blocks 0"):
+        VAEConfig(blocks=0)
+
+
 def test_config_round_trip():
     cfg = VAEConfig(num_classes=7, widths=(4, 8, 16), latent_channels=3, skip=False)
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
