@@ -345,10 +345,12 @@ def budget_plan(model, raw_model, train, val, args, ctx, steps_per_epoch, t_star
         sampled = math.ceil(len(val) / diversity_stride(len(val)))
         val_s = (per_image[0] * math.ceil(len(val) / ctx["world"])
                  + max(0.0, per_image[-1] - per_image[0]) * math.ceil(sampled / ctx["world"]))
+    # One file per rank: under torchrun every rank times a save into the same folder, and with one
+    # shared name a rank could delete the file before another had finished with it.
+    probe_file = out / f".budget_probe.rank{ctx['rank']}.tmp"
     t0 = time.perf_counter()
-    save_checkpoint({"model": raw_model.state_dict(), "optimizer": ctx["optimizer"].state_dict()},
-                    out / ".budget_probe.tmp")
-    (out / ".budget_probe.tmp").unlink()
+    save_checkpoint({"model": raw_model.state_dict(), "optimizer": ctx["optimizer"].state_dict()}, probe_file)
+    probe_file.unlink()
     save_s = 3 * (time.perf_counter() - t0) + 0.5  # epoch_NNN, best, last; metrics.csv and the plot
     raw_model.load_state_dict(saved[0])
     ctx["optimizer"].load_state_dict(saved[1])
